@@ -1,0 +1,1 @@
+"""lycoft: orthogonal finetuning for Stable Diffusion."""
