@@ -1,0 +1,234 @@
+"""The adapted layer: OFT/BOFT parameters on one Linear/Conv1d/Conv2d/Conv3d, with an exact forward.
+
+The forward always equals the base layer evaluated with the merged weight `W'` (bias untouched), and
+picks per call the cheaper of two exact paths:
+- weight path: build `W' = rescale * M W` and run the layer with it;
+- activation path: run the layer without bias, rotate its output channels by `M`, rescale, add bias
+  (output side), or rotate the input features by `M^T` (input side, Linear and 1x1 convs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AdapterConfig, BlockLayout
+from .ops import cayley, constrain, interpolate, rotate, rotate_weight, skew
+
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class UnsupportedLayerError(ValueError):
+    """The layer kind cannot carry an exact orthogonal adapter (e.g. a grouped convolution)."""
+
+
+def layer_dims(base: nn.Module) -> tuple[int, int, int]:
+    """`(out, fan_in, kernel_numel)` of a supported layer; raises UnsupportedLayerError otherwise."""
+    if isinstance(base, nn.Linear):
+        return base.out_features, base.in_features, 1
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if base.groups != 1:
+            raise UnsupportedLayerError(
+                f"grouped convolution (groups={base.groups}) cannot be rotated exactly: an output rotation "
+                "mixes channels across groups; exclude this layer"
+            )
+        if base.transposed:
+            raise UnsupportedLayerError("transposed convolutions are not supported; exclude this layer")
+        k = math.prod(base.kernel_size)
+        return base.out_channels, base.in_channels * k, k
+    raise UnsupportedLayerError(
+        f"{type(base).__name__} is not supported; lycoft adapts Linear and Conv1d/2d/3d layers"
+    )
+
+
+class OFTLayer(nn.Module):
+    """Orthogonal adapter of one layer.
+
+    Parameters: `oft_blocks` `(nb, b, b)` (oft) or `(m, nb, b, b)` (boft), raw blocks `A`, init zeros so
+    the adapter starts as the identity; optional `rescale` `(out, 1[, 1...])`, init ones.
+    `register_base=False` keeps the base layer out of this module's parameters (used by `Network`, which
+    patches the base layer's `forward` instead of replacing the module, so the model's state dict keeps
+    its names).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        config: AdapterConfig,
+        name: str = "layer",
+        register_base: bool = True,
+        layout: BlockLayout | None = None,
+    ) -> None:
+        super().__init__()
+        out, fan_in, kernel = layer_dims(base)
+        self.name = name
+        self.config = config
+        self.side = config.side
+        self.kernel_numel = kernel
+        self.out_dim = out
+        self.fan_in = fan_in
+        dim = out if config.side == "output" else fan_in
+        self.layout = layout or config.layout(dim, where=name)
+        if self.layout.dim != dim:
+            raise ValueError(f"{name}: adapter covers {self.layout.dim} channels, the layer has {dim}")
+        if register_base:
+            self.base_layer = base
+        else:
+            object.__setattr__(self, "_base_ref", base)
+        weight = base.weight
+        zeros = torch.zeros(self.layout.shape, dtype=torch.float32, device=weight.device)
+        self.oft_blocks = nn.Parameter(zeros)
+        if config.rescale:
+            rshape = (out,) + (1,) * (weight.dim() - 1)
+            self.rescale = nn.Parameter(torch.ones(rshape, dtype=torch.float32, device=weight.device))
+        else:
+            self.rescale = None
+        self.constraint = float(config.constraint)
+        self.dropout = float(config.dropout)
+        self.neumann_terms = int(config.neumann_terms)
+        self.path = config.path
+        self.multiplier = 1.0
+        self.enabled = True
+        self.last_path = ""  # path of the last forward ("weight" / "activation"), for tests and benches
+
+    # -- the base layer -------------------------------------------------------------------------------
+    @property
+    def base(self) -> nn.Module:
+        return self.base_layer if "base_layer" in self._modules else self._base_ref
+
+    def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        base = self.base
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight, bias)
+        return base._conv_forward(x, weight, bias)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        base = self.base
+        return self._run(x, base.weight, base.bias)
+
+    # -- the rotation ---------------------------------------------------------------------------------
+    @property
+    def is_boft(self) -> bool:
+        return self.layout.algo == "boft"
+
+    def skew_blocks(self) -> Tensor:
+        """`Q = A - A^T` in float32 with the constraint applied (whole tensor, bound `constraint * dim`)."""
+        A = self.oft_blocks
+        Q = skew(A.to(torch.float64 if A.dtype == torch.float64 else torch.float32))
+        return constrain(Q, self.constraint * self.layout.dim)
+
+    def rotation(self, multiplier: float | None = None) -> Tensor:
+        """The operator's blocks `R` (float32; float64 if the parameters are float64), strength applied."""
+        Q = self.skew_blocks()
+        if self.training and self.dropout > 0:
+            keep = (torch.rand(Q.shape[:-2], device=Q.device) >= self.dropout).to(Q.dtype)
+            Q = Q * keep[..., None, None]
+        R = cayley(Q, self.neumann_terms)
+        m = self.multiplier if multiplier is None else multiplier
+        return interpolate(R, m)
+
+    def merged_weight(self, multiplier: float | None = None, R: Tensor | None = None) -> Tensor:
+        """`W' = rescale * M W` (output side) or `rescale * W M^T` (input side), in the base weight dtype."""
+        W = self.base.weight
+        if R is None:
+            R = self.rotation(multiplier)
+        Wr = rotate_weight(R, W, self.side)
+        if self.rescale is not None:
+            Wr = Wr * self.rescale.to(Wr.dtype)
+        return Wr.to(W.dtype)
+
+    def delta_weight(self, multiplier: float | None = None) -> Tensor:
+        """`W' - W` in float32 (for full-difference exports)."""
+        W = self.base.weight
+        return self.merged_weight(multiplier).float() - W.float()
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.oft_blocks, self.rescale) if p is not None]
+
+    # -- path choice ----------------------------------------------------------------------------------
+    def _tokens(self, x: Tensor) -> int:
+        """Output positions of this call (batch * spatial), estimated from the input shape."""
+        base = self.base
+        if isinstance(base, nn.Linear):
+            return x.numel() // max(x.shape[-1], 1)
+        stride = math.prod(base.stride) if isinstance(base.stride, tuple) else base.stride
+        return max(x.numel() // max(base.in_channels, 1) // max(stride, 1), 1)
+
+    def choose_path(self, x: Tensor) -> str:
+        """Pick the exact path with fewer extra multiply-adds for this call.
+
+        Extra cost per stage of `b`-blocks: weight path `out*fan_in*b` to build `W'` (twice with
+        autograd: forward and the gradient of `R`) plus, when training, the weight gradient
+        `tokens*out*fan_in` that a frozen layer never computes; activation path `tokens*d*b` (three times
+        with autograd), `d` the rotated size.
+        """
+        if self.path != "auto":
+            if self.path == "activation" and not self.activation_path_possible:
+                return "weight"
+            return self.path
+        if not self.activation_path_possible:
+            return "weight"
+        T = self._tokens(x)
+        b = self.layout.block_size * self.layout.stages
+        d = self.layout.dim
+        training = torch.is_grad_enabled() and self.oft_blocks.requires_grad
+        if training:
+            weight_cost = 2 * self.out_dim * self.fan_in * b + T * self.out_dim * self.fan_in
+            act_cost = 3 * T * d * b
+        else:
+            weight_cost = self.out_dim * self.fan_in * b
+            act_cost = T * d * b
+        return "activation" if act_cost < weight_cost else "weight"
+
+    @property
+    def activation_path_possible(self) -> bool:
+        # Input side rotates the layer input, which only lines up with the fan-in for 1-element kernels.
+        return self.side == "output" or self.kernel_numel == 1
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        # Extra args (e.g. diffusers' legacy `scale`) are accepted and ignored, like the base layers do.
+        if not self.enabled or self.multiplier == 0.0:
+            self.last_path = "base"
+            return self.base_forward(x)
+        path = self.choose_path(x)
+        self.last_path = path
+        base = self.base
+        R = self.rotation()
+        if path == "weight":
+            return self._run(x, self.merged_weight(R=R), base.bias)
+        channel_dim = -1 if isinstance(base, nn.Linear) else 1
+        if self.side == "output":
+            y = rotate(R.to(x.dtype), self._run(x, base.weight, None), dim=channel_dim)
+        else:
+            y = self._run(rotate(R.to(x.dtype), x, dim=channel_dim, transpose=True), base.weight, None)
+        return self._rescale_and_bias(y, channel_dim % y.dim())
+
+    def _rescale_and_bias(self, y: Tensor, channel_dim: int) -> Tensor:
+        shape = [1] * y.dim()
+        shape[channel_dim] = -1
+        if self.rescale is not None:
+            y = y * self.rescale.to(y.dtype).reshape(shape)
+        bias = self.base.bias
+        if bias is not None:
+            y = y + bias.to(y.dtype).reshape(shape)
+        return y
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        s = f"{self.name}: {lay.algo} {lay.shape} side={self.side}"
+        if self.constraint:
+            s += f" constraint={self.constraint}"
+        return s + (" rescale" if self.rescale is not None else "")
+
+
+def wrap(layer: nn.Module, config: AdapterConfig | None = None, name: str = "layer") -> OFTLayer:
+    """Adapt a single torch layer: returns an `OFTLayer` that holds `layer` and computes its adapted output.
+
+    ``wrap(nn.Linear(320, 320), AdapterConfig(algo="boft", block_size=8, butterfly_factors=2))``
+    """
+    return OFTLayer(layer, config or AdapterConfig(), name=name, register_base=True)

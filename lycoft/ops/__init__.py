@@ -1,0 +1,33 @@
+"""Pure tensor math for OFT/BOFT (SPEC sections 1-3). Nothing here holds parameters or imports upward."""
+
+from .apply import rotate, rotate_weight
+from .blockdiag import blockdiag_apply
+from .butterfly import butterfly_apply, butterfly_stage
+from .cayley import (
+    cayley,
+    compute_dtype,
+    constrain,
+    constraint_scale,
+    eye_like,
+    interpolate,
+    inverse_cayley,
+    orthogonality_error,
+    skew,
+)
+
+__all__ = [
+    "blockdiag_apply",
+    "butterfly_apply",
+    "butterfly_stage",
+    "cayley",
+    "compute_dtype",
+    "constrain",
+    "constraint_scale",
+    "eye_like",
+    "interpolate",
+    "inverse_cayley",
+    "orthogonality_error",
+    "rotate",
+    "rotate_weight",
+    "skew",
+]

@@ -1,0 +1,156 @@
+"""Properties of the pure math (SPEC sections 2-3), each against an obviously-correct float64 reference."""
+
+import pytest
+import torch
+
+from lycoft.ops import (
+    blockdiag_apply,
+    butterfly_apply,
+    cayley,
+    constrain,
+    interpolate,
+    inverse_cayley,
+    orthogonality_error,
+    rotate_weight,
+    skew,
+)
+
+
+def dense_perm(C: int, k: int) -> torch.Tensor:
+    """Explicit permutation matrix P with (P X) = X[idx], idx interleaving the halves of 2k-chunks."""
+    idx = torch.arange(C).reshape(-1, 2, k).transpose(1, 2).reshape(-1)
+    P = torch.zeros(C, C, dtype=torch.float64)
+    P[torch.arange(C), idx] = 1
+    return P
+
+
+def dense_butterfly(R: torch.Tensor) -> torch.Tensor:
+    m, nb, b, _ = R.shape
+    C = nb * b
+    M = torch.eye(C, dtype=torch.float64)
+    for i in range(m):
+        P = dense_perm(C, 2**i * b // 2)
+        M = P.T @ torch.block_diag(*R[i].to(torch.float64)) @ P @ M
+    return M
+
+
+def dense_cayley(Q: torch.Tensor) -> torch.Tensor:
+    Q = Q.to(torch.float64)
+    I = torch.eye(Q.shape[-1], dtype=torch.float64)
+    return (I + Q) @ torch.linalg.inv(I - Q)
+
+
+@pytest.mark.parametrize("std", [1e-3, 1e-2, 0.1])
+@pytest.mark.parametrize("shape", [(40, 8, 8), (10, 32, 32), (2, 20, 16, 16)])
+def test_cayley_is_orthogonal_in_float32(std, shape):
+    torch.manual_seed(0)
+    A = torch.randn(shape) * std
+    R = cayley(skew(A))
+    assert R.dtype == torch.float32
+    assert orthogonality_error(R) <= 1e-5
+    assert torch.allclose(R.double(), dense_cayley(skew(A.double())), atol=1e-5)
+
+
+def test_cayley_of_zero_is_exact_identity():
+    R = cayley(skew(torch.zeros(4, 8, 8)))
+    assert torch.equal(R, torch.eye(8).expand(4, 8, 8))
+
+
+def test_half_precision_blocks_are_lifted_to_float32():
+    A = (torch.randn(4, 8, 8) * 0.1).to(torch.bfloat16)
+    R = cayley(skew(A))
+    assert R.dtype == torch.float32
+    assert orthogonality_error(R) <= 1e-5
+
+
+def test_neumann_is_an_approximation_that_converges():
+    torch.manual_seed(0)
+    Q = skew(torch.randn(4, 8, 8) * 0.01)
+    exact = cayley(Q)
+    errs = [float((cayley(Q, n) - exact).abs().max()) for n in (2, 4, 8)]
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-6
+    big = skew(torch.randn(4, 8, 8) * 0.3)
+    assert orthogonality_error(cayley(big, 5)) > 1e-3  # not orthogonal at large Q: documented as approximate
+
+
+def test_inverse_cayley_round_trip():
+    torch.manual_seed(1)
+    A = torch.randn(6, 8, 8, dtype=torch.float64) * 0.2
+    R = cayley(skew(A))
+    A2 = inverse_cayley(R)
+    assert torch.allclose(cayley(skew(A2)), R, atol=1e-12)
+    assert torch.allclose(skew(A2), skew(A), atol=1e-12)
+
+
+def test_constraint_matches_lycoris_rule():
+    torch.manual_seed(0)
+    Q = skew(torch.randn(3, 4, 4))
+    n = float(torch.linalg.vector_norm(Q))
+    c = n / 4
+    Qc = constrain(Q, c)
+    assert torch.allclose(Qc, Q * c / (n + 1e-8))
+    assert torch.equal(constrain(Q, 10 * n), Q)  # inactive bound leaves Q untouched
+    assert torch.equal(constrain(Q, 0.0), Q)  # 0 disables it
+    Qg = Q.clone().requires_grad_()
+    constrain(Qg, c).sum().backward()  # differentiable
+    assert Qg.grad is not None
+
+
+def test_interpolation_endpoints():
+    R = cayley(skew(torch.randn(2, 4, 4) * 0.3))
+    assert torch.equal(interpolate(R, 1.0), R)
+    assert torch.allclose(interpolate(R, 0.0), torch.eye(4).expand(2, 4, 4))
+    assert torch.allclose(interpolate(R, 0.5), 0.5 * R + 0.5 * torch.eye(4))
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_blockdiag_matches_dense_block_diag(dim):
+    torch.manual_seed(0)
+    R = cayley(skew(torch.randn(5, 4, 4, dtype=torch.float64) * 0.3))
+    M = torch.block_diag(*[r.T for r in R])  # blockdiag(R_k^T)
+    X = torch.randn(3, 20, 7, dtype=torch.float64) if dim == 1 else torch.randn(20, 6, dtype=torch.float64)
+    if dim == -1:
+        X = torch.randn(3, 2, 20, dtype=torch.float64)
+    Y = blockdiag_apply(R, X, dim=dim)
+    ref = torch.movedim(torch.tensordot(M, torch.movedim(X, dim, 0), dims=1), 0, dim)
+    assert torch.allclose(Y, ref, atol=1e-12)
+    YT = blockdiag_apply(R, X, dim=dim, transpose=True)
+    refT = torch.movedim(torch.tensordot(M.T, torch.movedim(X, dim, 0), dims=1), 0, dim)
+    assert torch.allclose(YT, refT, atol=1e-12)
+
+
+BUTTERFLIES = [(1, 4, 2), (2, 4, 4), (3, 4, 8), (2, 6, 4), (4, 8, 2), (3, 40, 8), (6, 32, 10)]
+
+
+@pytest.mark.parametrize("m,nb,b", BUTTERFLIES)
+def test_butterfly_matches_dense_permutation_reference(m, nb, b):
+    torch.manual_seed(m * 100 + nb)
+    R = cayley(skew(torch.randn(m, nb, b, b, dtype=torch.float64) * 0.2))
+    M = dense_butterfly(R)
+    W = torch.randn(nb * b, 9, dtype=torch.float64)
+    assert torch.allclose(butterfly_apply(R, W), M @ W, atol=1e-12)
+    assert torch.allclose(butterfly_apply(R, W, transpose=True), M.T @ W, atol=1e-12)
+    Z = torch.randn(2, 3, nb * b, dtype=torch.float64)
+    assert torch.allclose(butterfly_apply(R, Z, dim=-1), Z @ M.T, atol=1e-12)
+    # M is orthogonal: the butterfly of orthogonal stages keeps it so
+    assert torch.allclose(M.T @ M, torch.eye(nb * b, dtype=torch.float64), atol=1e-10)
+
+
+def test_one_stage_butterfly_is_not_diag_oft():
+    """SPEC: a 1-stage BOFT differs from diag-OFT with the same tensor (transpose and interleave)."""
+    torch.manual_seed(0)
+    R = cayley(skew(torch.randn(1, 4, 4, 4) * 0.3))
+    W = torch.randn(16, 3)
+    assert not torch.allclose(butterfly_apply(R, W), blockdiag_apply(R[0], W), atol=1e-3)
+
+
+def test_rotate_weight_input_side_is_w_times_mT():
+    torch.manual_seed(0)
+    R = cayley(skew(torch.randn(3, 6, 6, dtype=torch.float64) * 0.2))
+    W = torch.randn(5, 2, 3, 3, dtype=torch.float64)  # conv: fan_in 18 = 3 blocks of 6
+    M = torch.block_diag(*[r.T for r in R])
+    ref = (W.reshape(5, -1) @ M.T).reshape(W.shape)
+    assert torch.allclose(rotate_weight(R, W, side="input"), ref, atol=1e-12)
+    Wt = W.reshape(5, -1).T.contiguous()
+    assert torch.allclose(rotate_weight(R, Wt, side="output"), M @ Wt)
