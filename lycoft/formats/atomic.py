@@ -1,0 +1,128 @@
+"""Writing output files so that a crash, Ctrl-C or a full disk never leaves a half-written file behind.
+
+A merge that dies while writing a 6 GB checkpoint must leave either the old file or the new one, never a
+truncated mix that loads as garbage later. The recipe: write a temporary file next to the target (same
+directory, hence same filesystem, so the final rename is atomic), fsync it, `os.replace` it onto the
+target, fsync the directory so the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+# Room for the `.` prefix and `.<random>.tmp` suffix inside the usual 255-byte file-name limit.
+_MAX_NAME_STEM = 200
+
+
+def _create_temp(target: Path) -> Path:
+    """Create an empty, new temporary file `.<name>.<random>.tmp` next to `target` and return its path."""
+    directory = target.parent
+    for _ in range(100):
+        tmp = directory / f".{target.name[:_MAX_NAME_STEM]}.{secrets.token_hex(6)}.tmp"
+        try:
+            # 0o666 lets the umask decide the permissions, like any other file the user creates
+            # (mkstemp would force 0o600 onto every output).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        except PermissionError as e:
+            raise PermissionError(
+                f"cannot write {target}: no permission to create files in {directory}; "
+                "choose an output path in a directory you can write to"
+            ) from e
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"cannot write {target}: could not find a free temporary name in {directory}")
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush the file's data to disk (write_fn may have closed its handle without syncing)."""
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    except PermissionError:
+        # write_fn may have made the file read-only; a read-only descriptor is enough for fsync on POSIX.
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename; directories cannot be opened for fsync on Windows, and some filesystems refuse."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[Path], object]) -> Path:
+    """Create or replace `path` atomically with whatever `write_fn(tmp_path)` writes to `tmp_path`.
+
+    `write_fn` receives the path of an empty temporary file `.<name>.<random>.tmp` in the target's
+    directory and writes the complete content there (e.g. ``lambda p: save_file(tensors, p)``). Only when
+    it returns is the file flushed, fsynced and renamed onto the target. If it raises (or is
+    interrupted), the temporary file is deleted and the previous target, if any, is untouched.
+
+    A target that is a symlink is resolved first, so the link keeps pointing at the (new) file. An
+    existing target's permission bits are kept. Returns the path written (symlinks resolved).
+    """
+    target = Path(os.path.realpath(os.fspath(path)))
+    directory = target.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {path}: directory {directory} does not exist; create it or choose another path"
+        )
+    if target.is_dir():
+        raise IsADirectoryError(
+            f"cannot write {path}: it is a directory; give a file name, e.g. {target / 'adapter.safetensors'}"
+        )
+    tmp = _create_temp(target)
+    try:
+        write_fn(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        # BaseException: Ctrl-C during a long write must not leave a multi-GB temp file behind either.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+    return target
+
+
+def refuse_overwrite(path: str | os.PathLike[str], force: bool) -> None:
+    """Raise unless `path` is free to write: it must not exist, or `force` must be set.
+
+    A directory is refused even with `force`: replacing a folder by a file is never what the user meant.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{p} is a directory; give the path of a file to write")
+    if (p.exists() or p.is_symlink()) and not force:
+        raise FileExistsError(f"{p} exists; pass --force to overwrite (force=True from Python)")
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether `a` and `b` name the same file (symlinks resolved, hard links and `./x` vs `x` included).
+
+    Tools check an output against their inputs with it: writing a merge onto the checkpoint being read
+    would destroy the input if anything went wrong.
+    """
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        # At least one does not exist yet: compare the resolved paths instead.
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))

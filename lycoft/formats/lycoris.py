@@ -1,0 +1,364 @@
+"""The LyCORIS adapter layout (SPEC section 4): what ComfyUI, A1111 and LyCORIS read.
+
+Writes ``<key>.oft_blocks`` (3-D oft / 4-D boft, constraint baked in), ``<key>.alpha`` (always, just above
+the stored norm so that every consumer's clamp is inactive) and ``<key>.rescale`` when trained with it.
+Reads that layout, LyCORIS files without ``alpha``, kohya legacy ``oft_unet_`` files (dim = number of
+blocks) and LyCORIS 2.0 ``oft_diag`` files (R itself, converted by the exact inverse Cayley).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, BlockLayout
+from ..ops import constraint_scale, inverse_cayley, orthogonality_error, skew
+from .errors import AdapterFileError
+
+if TYPE_CHECKING:
+    from ..network import Network
+
+log = logging.getLogger("lycoft")
+
+ALPHA_MARGIN = 1e-4  # alpha = ||Q_stored|| * (1 + margin) + 1e-6: no consumer's clamp ever fires
+ALPHA_FLOOR = 1e-6
+ORTHO_TOL = 1e-3  # an oft_diag block further from orthogonal than this carries a folded rescale
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+def layer_tensors(layer: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The file tensors of one adapter (suffix -> tensor), constraint baked into the stored blocks."""
+    if layer.side != "output":
+        return _input_side_tensors(layer, dtype)
+    A = layer.oft_blocks.detach().float()
+    if layer.constraint > 0:
+        A = A * constraint_scale(skew(A), layer.constraint * layer.layout.dim)
+    stored = A.to(dtype or layer.oft_blocks.dtype).contiguous()
+    norm = float(torch.linalg.vector_norm(skew(stored.float())))
+    out = {
+        "oft_blocks": stored,
+        "alpha": torch.tensor(norm * (1.0 + ALPHA_MARGIN) + ALPHA_FLOOR, dtype=torch.float32),
+    }
+    if layer.rescale is not None:
+        out["rescale"] = layer.rescale.detach().to(dtype or layer.rescale.dtype).contiguous()
+    return out
+
+
+def _input_side_tensors(layer: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Input-side oft is written as PEFT's upper-triangle vector (``oft_R.weight``), never ``oft_blocks``.
+
+    PEFT's exact rotation is ``(I - S)(I + S)^-1`` per block with ``W' = W blockdiag(R_peft)^T``; ours is
+    ``W M^T`` with ``M = blockdiag(C(Q)^T)`` and ``C(Q)^T = (I - Q)(I + Q)^-1``, so ``S = Q``.
+    """
+    if layer.is_boft or layer.rescale is not None:
+        raise AdapterFileError(
+            f"{layer.name}: input-side boft or rescale has no file format any consumer reads; "
+            "train with side='output', or export full weight differences (tools/convert.py --to diff)"
+        )
+    Q = layer.skew_blocks().detach()
+    b = Q.shape[-1]
+    rows, cols = torch.triu_indices(b, b, 1)
+    return {"oft_R.weight": Q[:, rows, cols].to(dtype or torch.float32).contiguous()}
+
+
+def network_metadata(net: Network, output_name: str | None = None, v_prediction: bool = False
+                     ) -> dict[str, str]:
+    """kohya ``ss_*``, SAI ``modelspec.*`` and ``lycoft.*`` metadata (all strings)."""
+    from .. import __version__
+
+    cfg = net.config or AdapterConfig()
+    layers = list(net.adapters.values())
+    first = layers[0].layout if layers else None
+    algo = "diag-oft" if (first is None or first.algo == "oft") else "boft"
+    args: dict[str, str] = {"algo": algo, "preset": str(net.preset or "custom")}
+    if cfg.block_size is not None:
+        args["block_size"] = str(cfg.block_size)
+    if cfg.block_num is not None:
+        args["block_num"] = str(cfg.block_num)
+    if cfg.butterfly_factors is not None:
+        args["butterfly_factors"] = str(cfg.butterfly_factors)
+    if cfg.constraint:
+        args["constraint"] = str(cfg.constraint)
+    if cfg.rescale:
+        args["rescaled"] = "True"
+    base = BASE_MODEL_VERSION.get(net.family, "sd_v1")
+    if net.family == "sd2" and v_prediction:
+        base += "_v"
+    arch = ARCHITECTURE.get(net.family, "stable-diffusion-v1")
+    if net.family == "sd2" and v_prediction:
+        arch = "stable-diffusion-v2-768-v"
+    md = {
+        "ss_network_module": "lycoft.kohya",
+        "ss_network_dim": str(first.block_size if first else ""),
+        "ss_network_alpha": str(cfg.constraint),
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": base,
+        "ss_v2": str(net.family == "sd2"),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if net.family == "sdxl" else "diffusers",
+        "lycoft.version": __version__,
+        "lycoft.algo": first.algo if first else "oft",
+        "lycoft.block_sizes": json.dumps(sorted({layer.layout.block_size for layer in layers})),
+        "lycoft.side": cfg.side,
+        "lycoft.constraint": str(cfg.constraint),
+        "lycoft.family": net.family,
+        "lycoft.cayley": "exact" if cfg.neumann_terms == 0 else f"neumann{cfg.neumann_terms}",
+    }
+    if output_name:
+        md["ss_output_name"] = output_name
+        md["modelspec.title"] = output_name
+    return md
+
+
+def network_tensors(net: Network, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, layer in net.adapters.items():
+        for suffix, t in layer_tensors(layer, dtype).items():
+            out[f"{key}.{suffix}"] = t
+    return out
+
+
+def save_network(net: Network, path: str, metadata: Mapping[str, str] | None = None,
+                 dtype: torch.dtype | None = None, output_name: str | None = None,
+                 v_prediction: bool = False) -> None:
+    """Atomic write of the adapter file; user metadata (e.g. kohya's ``ss_*``) wins over ours."""
+    from .safe_io import save_safetensors_atomic
+
+    md = network_metadata(net, output_name, v_prediction)
+    for k, v in (metadata or {}).items():
+        md[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    if any(layer.rescale is not None and not layer.is_boft for layer in net.adapters.values()):
+        log.warning("lycoft: this oft file has rescale, which ComfyUI ignores for oft; ComfyUI users should get a "
+                    "full-difference export (tools/convert.py --to diff)")
+    save_safetensors_atomic(network_tensors(net, dtype), path, md)
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+@dataclass
+class ModuleSpec:
+    """One adapted module as read from a file, normalised to lycoft's parameters."""
+
+    key: str  # file key after prefix normalisation
+    algo: str  # "oft" | "boft"
+    blocks: torch.Tensor  # raw A, float32, (nb,b,b) or (m,nb,b,b)
+    constraint: float  # per-unit-dim constraint (LyCORIS alpha); 0 = none
+    rescale: torch.Tensor | None
+    side: str
+    source: str  # "lycoris", "kohya-legacy", "lycoris-2.0", "lycoft-input"
+
+    @property
+    def layout_dim(self) -> int:
+        b = self.blocks.shape[-1]
+        return self.blocks.shape[-3] * b
+
+    def layout(self) -> BlockLayout:
+        b = self.blocks.shape[-1]
+        nb = self.blocks.shape[-3]
+        stages = self.blocks.shape[0] if self.algo == "boft" else 1
+        return BlockLayout(self.algo, nb * b, b, nb, stages)
+
+    def config(self) -> AdapterConfig:
+        return AdapterConfig(algo=self.algo, block_size=self.blocks.shape[-1], constraint=self.constraint,
+                             rescale=self.rescale is not None, side=self.side)
+
+
+def normalise_key(key: str) -> str:
+    """kohya legacy ``oft_unet_`` -> ``lora_unet_``; everything else unchanged."""
+    if key.startswith("oft_unet_"):
+        return "lora_unet_" + key[len("oft_unet_"):]
+    return key
+
+
+def parse_adapter_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                          path: str = "<tensors>") -> dict[str, ModuleSpec]:
+    """Group a file's tensors by module and convert every supported flavour to raw blocks."""
+    metadata = metadata or {}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in tensors.items():
+        head, _, suffix = k.partition(".")
+        if not suffix:
+            raise AdapterFileError(f"{path}: tensor {k!r} has no '.<kind>' suffix; this is not an adapter file")
+        groups.setdefault(head, {})[suffix] = t
+    specs: dict[str, ModuleSpec] = {}
+    for head, parts in groups.items():
+        key = normalise_key(head)
+        spec = _parse_module(path, head, key, parts, metadata)
+        if key in specs:
+            raise AdapterFileError(f"{path}: {head} and another key both name module {key}; remove one")
+        specs[key] = spec
+    if not specs:
+        raise AdapterFileError(f"{path}: no adapter tensors found")
+    return specs
+
+
+def _parse_module(path: str, head: str, key: str, parts: dict[str, torch.Tensor],
+                  metadata: Mapping[str, str]) -> ModuleSpec:
+    alpha_t = parts.get("alpha")
+    if alpha_t is not None and alpha_t.numel() != 1:
+        raise AdapterFileError(f"{path}: {head}.alpha must be a scalar, got shape {tuple(alpha_t.shape)}")
+    alpha = float(alpha_t.float()) if alpha_t is not None else 0.0
+    if not (alpha >= 0.0 and alpha == alpha and alpha != float("inf")):
+        raise AdapterFileError(f"{path}: {head}.alpha is {alpha}; a constraint must be a finite value >= 0")
+    rescale = parts.get("rescale")
+    known = {"oft_blocks", "alpha", "rescale", "oft_diag", "oft_R.weight"}
+    unknown = sorted(set(parts) - known)
+    if unknown:
+        hint = ""
+        if any(s.startswith(("lora_up", "lora_down", "hada_", "lokr_")) for s in unknown):
+            hint = " (a LoRA/LoHa/LoKr file, not OFT)"
+        elif "diff" in unknown:
+            hint = " (a full-difference export: load it as a LyCORIS 'full' adapter, not as OFT)"
+        elif any(s.startswith("boft_") for s in unknown):
+            hint = " (a PEFT/kohya BOFT file: convert it with tools/convert.py)"
+        raise AdapterFileError(f"{path}: {head} has tensors {unknown} that are not OFT/BOFT{hint}")
+    source = "kohya-legacy" if head.startswith("oft_unet_") else "lycoris"
+    if "lycoft.version" in metadata:
+        alpha = 0.0  # our files bake the constraint into the blocks; alpha only keeps consumers' clamps off
+    if "oft_blocks" in parts:
+        A = parts["oft_blocks"]
+        if A.dim() not in (3, 4) or A.shape[-1] != A.shape[-2]:
+            raise AdapterFileError(f"{path}: {head}.oft_blocks has shape {tuple(A.shape)}; expected "
+                                   "(blocks, b, b) for oft or (stages, blocks, b, b) for boft")
+        A = A.float()
+        if not torch.isfinite(A).all():
+            raise AdapterFileError(f"{path}: {head}.oft_blocks contains NaN or inf; the file is damaged")
+        algo = "oft" if A.dim() == 3 else "boft"
+        if algo == "boft":
+            m, nb, b = A.shape[0], A.shape[1], A.shape[2]
+            if b % 2 or nb % (2 ** (m - 1)):
+                raise AdapterFileError(f"{path}: {head}.oft_blocks shape {tuple(A.shape)} is not a valid "
+                                       f"butterfly (b even and 2**(m-1) dividing the block count {nb})")
+        return ModuleSpec(key, algo, A, alpha, _check_rescale(path, head, rescale), "output", source)
+    if "oft_diag" in parts:
+        R = parts["oft_diag"].double()
+        if R.dim() != 3 or R.shape[-1] != R.shape[-2]:
+            raise AdapterFileError(f"{path}: {head}.oft_diag has shape {tuple(R.shape)}; expected (blocks, b, b)")
+        err = orthogonality_error(R)
+        if err > ORTHO_TOL:
+            raise AdapterFileError(
+                f"{path}: {head}.oft_diag is not orthogonal (||R^T R - I|| = {err:.2e}): this LyCORIS 2.0 file "
+                "folded a rescale into R, which the current layout cannot express; export it as full weight "
+                "differences with tools/convert.py --to diff"
+            )
+        return ModuleSpec(key, "oft", inverse_cayley(R).float(), 0.0, None, "output", "lycoris-2.0")
+    if "oft_R.weight" in parts:
+        if metadata.get("lycoft.side") != "input" or metadata.get("lycoft.cayley", "exact") != "exact":
+            raise AdapterFileError(
+                f"{path}: {head}.oft_R.weight is a PEFT / kohya OFTv2 tensor whose Cayley convention is not "
+                "recorded; convert it with tools/convert.py"
+            )
+        vec = parts["oft_R.weight"].float()
+        nb, n = vec.shape
+        b = int(round((1 + (1 + 8 * n) ** 0.5) / 2))
+        if b * (b - 1) // 2 != n:
+            raise AdapterFileError(f"{path}: {head}.oft_R.weight has {n} entries per block, not b(b-1)/2")
+        rows, cols = torch.triu_indices(b, b, 1)
+        S = torch.zeros(nb, b, b)
+        S[:, rows, cols] = vec
+        Q = S - S.transpose(-1, -2)
+        return ModuleSpec(key, "oft", 0.5 * Q, 0.0, None, "input", "lycoft-input")
+    raise AdapterFileError(f"{path}: {head} has no oft_blocks/oft_diag tensor (found {sorted(parts)})")
+
+
+def _check_rescale(path: str, head: str, rescale: torch.Tensor | None) -> torch.Tensor | None:
+    if rescale is None:
+        return None
+    if rescale.dim() < 2 or any(s != 1 for s in rescale.shape[1:]):
+        raise AdapterFileError(f"{path}: {head}.rescale has shape {tuple(rescale.shape)}; expected (out, 1[, 1...])")
+    return rescale.float()
+
+
+def read_adapter(path: str) -> tuple[dict[str, ModuleSpec], dict[str, str]]:
+    from .safe_io import read_safetensors
+
+    tensors, metadata = read_safetensors(path)
+    return parse_adapter_tensors(tensors, metadata, path), metadata
+
+
+def _copy_into(layer: Any, spec: ModuleSpec) -> None:
+    with torch.no_grad():
+        layer.oft_blocks.copy_(spec.blocks.to(layer.oft_blocks.dtype))
+        if spec.rescale is not None:
+            layer.rescale.copy_(spec.rescale.reshape(layer.rescale.shape).to(layer.rescale.dtype))
+
+
+def _module_dim(module: nn.Module, side: str) -> int:
+    from ..layers import layer_dims
+
+    out, fan_in, _ = layer_dims(module)
+    return out if side == "output" else fan_in
+
+
+def load_adapter(
+    path: str,
+    unet: nn.Module | None = None,
+    text_encoders: Sequence[nn.Module] | nn.Module | None = None,
+    multiplier: float = 1.0,
+    family: str | None = None,
+    pipe: Any = None,
+    allow_partial: bool = False,
+) -> Network:
+    """Read an adapter file and attach it to the model; returns the applied `Network`."""
+    from ..network import Network, _resolve_models, candidate_index, detect_family
+    from ..targets import Target
+
+    unet, tes = _resolve_models(unet, text_encoders, pipe)
+    specs, metadata = read_adapter(path)
+    family = family or metadata.get("lycoft.family") or detect_family(unet, tes)
+    index = candidate_index(unet, tes, family)
+    net = Network(family)
+    unmatched: list[str] = []
+    for key, spec in specs.items():
+        hit = index.get(key)
+        if hit is None:
+            unmatched.append(key)
+            continue
+        comp, mpath, module = hit
+        dim = _module_dim(module, spec.side)
+        if spec.layout_dim != dim:
+            raise AdapterFileError(
+                f"{path}: {key} rotates {spec.layout_dim} channels ({tuple(spec.blocks.shape)}) but "
+                f"{comp} layer {mpath} has {dim}; the adapter was trained for another model or family"
+            )
+        layer = net.add(Target(comp, mpath, key, module, spec.config()), layout=spec.layout())
+        _copy_into(layer, spec)
+    if unmatched:
+        shown = ", ".join(unmatched[:10]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 10 else "")
+        msg = f"{path}: {len(unmatched)} of {len(specs)} adapter keys match no layer of the model: {shown}"
+        if not allow_partial or len(unmatched) == len(specs):
+            raise AdapterFileError(msg + "; check the model family (sd1/sd2/sdxl) or pass allow_partial=True")
+        log.warning("lycoft: %s (ignored: allow_partial)", msg)
+    net.set_multiplier(multiplier)
+    return net.apply()
+
+
+def load_into_network(net: Network, path: str, strict: bool = True) -> list[str]:
+    """Load a file into an existing network (same keys and shapes): kohya's ``load_weights``."""
+    specs, _ = read_adapter(path)
+    missing = []
+    for key, spec in specs.items():
+        layer = net.adapters[key] if key in net.adapters else None
+        if layer is None:
+            missing.append(key)
+            continue
+        if tuple(layer.oft_blocks.shape) != tuple(spec.blocks.shape) or layer.side != spec.side:
+            raise AdapterFileError(f"{path}: {key} has shape {tuple(spec.blocks.shape)}, the network expects "
+                                   f"{tuple(layer.oft_blocks.shape)}; use the same algo and block size")
+        if (spec.rescale is None) != (layer.rescale is None):
+            raise AdapterFileError(f"{path}: {key}: rescale present in one of file/network but not the other")
+        _copy_into(layer, spec)
+    if missing and strict:
+        raise AdapterFileError(f"{path}: keys {missing[:10]} are not in the network")
+    return missing

@@ -1,0 +1,275 @@
+"""Caches for frozen encoders: VAE latents per image crop, text-encoder outputs per caption.
+
+The encoders live elsewhere; each cache takes a callable (``encode``) and only decides when to call
+it and where results are kept: in memory, or in ``.npz`` files that survive the run. A cached value
+is reused only while everything it was computed from is unchanged (the image file's size and mtime,
+its bucket and crop; the caption text and a caller-given namespace for the text encoder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lycoft.training.buckets import CropPlan
+from lycoft.training.errors import ConfigError
+
+_FORMAT = "lycoft-latent-1"
+
+
+def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    # Write then rename: a run killed mid-write, or two DDP processes caching the same image,
+    # never leave a torn file that a later run would trust.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError):  # missing, torn or foreign file: treat as not cached
+        return None
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().to("cpu")
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+@dataclass(frozen=True)
+class LatentRequest:
+    """One latent to cache: an image, its crop plan, and whether it is mirrored."""
+
+    image_path: Path
+    plan: CropPlan
+    flip: bool = False
+
+
+class LatentCache:
+    """Latents of `encode(pixels)` for fixed image crops.
+
+    Args:
+        encode: ``(B, 3, H, W)`` float pixels in [-1, 1] on the CPU -> ``(B, C, H/8, W/8)`` latents
+            (the caller moves them to the VAE's device and applies any scaling factor it wants cached).
+        to_disk: keep latents in ``.npz`` files instead of memory: reused by later runs, light on RAM.
+        cache_dir: where the files go; unset = next to each image as ``<image name>.lycoft.npz``.
+        dtype: cast latents to this on the way out (e.g. ``torch.float16`` to halve memory).
+
+    ``encode_calls`` / ``encoded_images`` count the work done, so callers (and tests) can see that a
+    warm cache encodes nothing.
+    """
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], *, to_disk: bool = False,
+                 cache_dir: str | Path | None = None, dtype: torch.dtype | None = None) -> None:
+        self.encode = encode
+        self.to_disk = to_disk
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.dtype = dtype
+        self.encode_calls = 0
+        self.encoded_images = 0
+        self._memory: dict[tuple[str, bool], tuple[str, torch.Tensor]] = {}
+
+    def disk_path(self, image_path: Path) -> Path:
+        image_path = Path(image_path).resolve()
+        if self.cache_dir is None:
+            return image_path.with_name(image_path.name + ".lycoft.npz")
+        digest = hashlib.sha1(str(image_path).encode()).hexdigest()[:12]
+        return self.cache_dir / f"{image_path.stem}-{digest}.lycoft.npz"
+
+    @staticmethod
+    def fingerprint(req: LatentRequest) -> str:
+        """Everything a latent depends on except the flip (both orientations share one file)."""
+        path = Path(req.image_path).resolve()
+        st = path.stat()
+        return json.dumps({
+            "format": _FORMAT, "image": str(path), "mtime_ns": st.st_mtime_ns, "bytes": st.st_size,
+            "resized": list(req.plan.resized), "left_top": list(req.plan.left_top),
+            "target": list(req.plan.target),
+        }, sort_keys=True)
+
+    @staticmethod
+    def _variant(flip: bool) -> str:
+        return "latents_flipped" if flip else "latents"
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None else t
+
+    def _lookup(self, req: LatentRequest, fingerprint: str) -> torch.Tensor | None:
+        if self.to_disk:
+            data = _load_npz(self.disk_path(req.image_path))
+            if data is None or "meta" not in data or str(data["meta"]) != fingerprint:
+                return None
+            arr = data.get(self._variant(req.flip))
+            return None if arr is None else self._out(torch.from_numpy(arr))
+        hit = self._memory.get((str(Path(req.image_path).resolve()), req.flip))
+        if hit is None or hit[0] != fingerprint:
+            return None
+        return self._out(hit[1])
+
+    def _store(self, req: LatentRequest, fingerprint: str, latent: torch.Tensor) -> None:
+        latent = latent.detach().to("cpu")
+        if not self.to_disk:
+            self._memory[(str(Path(req.image_path).resolve()), req.flip)] = (fingerprint, latent)
+            return
+        path = self.disk_path(req.image_path)
+        data = _load_npz(path)
+        arrays = dict(data) if data is not None and str(data.get("meta", "")) == fingerprint else {}
+        arrays["meta"] = np.array(fingerprint)
+        arrays[self._variant(req.flip)] = _to_numpy(latent)
+        _save_npz_atomic(path, arrays)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.encode(pixels)
+        if not isinstance(latents, torch.Tensor) or latents.shape[0] != pixels.shape[0]:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"encode must return a tensor with one latent per image: {pixels.shape[0]} "
+                             f"images in, got {got}")
+        self.encode_calls += 1
+        self.encoded_images += pixels.shape[0]
+        return latents
+
+    def fill(self, requests: Iterable[LatentRequest], load: Callable[[LatentRequest], torch.Tensor], *,
+             batch_size: int = 1, progress: Callable[[int, int], None] | None = None) -> int:
+        """Encode every request not already cached, ``batch_size`` same-sized crops per `encode` call.
+        ``load(request)`` gives the ``(3, H, W)`` pixels. Returns how many images were encoded."""
+        todo: dict[tuple[int, int], list[tuple[LatentRequest, str]]] = {}
+        for req in requests:
+            fp = self.fingerprint(req)
+            if self._lookup(req, fp) is None:
+                todo.setdefault(req.plan.target, []).append((req, fp))
+        total = sum(len(v) for v in todo.values())
+        done = 0
+        for items in todo.values():  # one size per stack: torch.stack needs equal shapes
+            for i in range(0, len(items), batch_size):
+                chunk = items[i:i + batch_size]
+                latents = self._encode(torch.stack([load(req) for req, _ in chunk]))
+                for (req, fp), lat in zip(chunk, latents):
+                    self._store(req, fp, lat)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        return total
+
+    def get(
+        self, req: LatentRequest, load: Callable[[LatentRequest], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The cached latent; on a miss (never filled, or the image changed) it is encoded now when
+        ``load`` is given. Misses inside DataLoader workers would run `encode` there: fill first."""
+        fp = self.fingerprint(req)
+        hit = self._lookup(req, fp)
+        if hit is not None:
+            return hit
+        if load is None:
+            raise KeyError(f"no cached latent for {req.image_path} (flip={req.flip}); call fill() first")
+        latent = self._encode(load(req).unsqueeze(0))[0]
+        self._store(req, fp, latent)
+        return self._out(latent.detach().to("cpu"))
+
+
+TextOutputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
+
+
+class TextEmbeddingCache:
+    """Text-encoder outputs per caption, for a frozen text encoder.
+
+    Args:
+        encode: ``list[str]`` -> a batch-first tensor, a tuple of them (e.g. SDXL's two hidden states
+            and the pooled output), or a dict of them. `get` returns the same shape of thing.
+        to_disk: keep outputs as ``.npz`` files in ``cache_dir`` (required then).
+        namespace: identifies the encoder setup (model, clip_skip, max length ...); entries written
+            under another namespace are not reused.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], TextOutputs], *, to_disk: bool = False,
+                 cache_dir: str | Path | None = None, namespace: str = "") -> None:
+        if to_disk and cache_dir is None:
+            raise ConfigError("TextEmbeddingCache(to_disk=True) needs a cache_dir (captions have no "
+                              "file to sit next to)")
+        self.encode = encode
+        self.to_disk = to_disk
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.namespace = namespace
+        self.encode_calls = 0
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
+        self._form: str | None = None  # "tensor" | "tuple" | "dict": what encode returned
+
+    def _path(self, caption: str) -> Path:
+        assert self.cache_dir is not None
+        digest = hashlib.sha1(f"{self.namespace}\0{caption}".encode()).hexdigest()[:24]
+        return self.cache_dir / f"te-{digest}.npz"
+
+    def _lookup(self, caption: str) -> dict[str, torch.Tensor] | None:
+        if caption in self._memory:
+            return self._memory[caption]
+        if not self.to_disk:
+            return None
+        data = _load_npz(self._path(caption))
+        if data is None:
+            return None
+        if (str(data.get("caption", "")), str(data.get("namespace", ""))) != (caption, self.namespace):
+            return None  # a hash collision or another encoder setup
+        self._form = self._form or str(data["form"])
+        return {k[4:]: torch.from_numpy(v) for k, v in data.items() if k.startswith("out:")}
+
+    def _encode(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            out = self.encode(captions)
+        self.encode_calls += 1
+        if isinstance(out, torch.Tensor):
+            form, named = "tensor", {"0": out}
+        elif isinstance(out, (tuple, list)):
+            form, named = "tuple", {str(i): t for i, t in enumerate(out)}
+        elif isinstance(out, Mapping):
+            form, named = "dict", dict(out)
+        else:
+            raise ValueError(
+                f"encode must return a tensor, a tuple or a dict of tensors, got {type(out).__name__}"
+            )
+        self._form = form
+        rows = []
+        for i, caption in enumerate(captions):
+            row = {k: v[i].detach().to("cpu") for k, v in named.items()}
+            rows.append(row)
+            if self.to_disk:
+                arrays = {f"out:{k}": _to_numpy(v) for k, v in row.items()}
+                arrays.update(caption=np.array(caption), namespace=np.array(self.namespace),
+                              form=np.array(form))
+                _save_npz_atomic(self._path(caption), arrays)
+            else:
+                self._memory[caption] = row
+        return rows
+
+    def fill(self, captions: Iterable[str], *, batch_size: int = 8) -> int:
+        """Encode every distinct caption not cached yet; returns how many were encoded."""
+        todo = [c for c in dict.fromkeys(captions) if self._lookup(c) is None]
+        for i in range(0, len(todo), batch_size):
+            self._encode(todo[i:i + batch_size])
+        return len(todo)
+
+    def get(self, captions: Sequence[str]) -> Any:
+        """Outputs for a batch of captions, stacked batch-first; missing ones are encoded now."""
+        rows: list[dict[str, torch.Tensor] | None] = [self._lookup(c) for c in captions]
+        missing = list(dict.fromkeys(c for c, r in zip(captions, rows) if r is None))
+        if missing:
+            fresh = dict(zip(missing, self._encode(missing)))
+            rows = [r if r is not None else fresh[c] for c, r in zip(captions, rows)]
+        keys = list(rows[0])  # type: ignore[index]
+        stacked = {k: torch.stack([r[k] for r in rows]) for k in keys}  # type: ignore[index]
+        if self._form == "tensor":
+            return stacked["0"]
+        if self._form == "tuple":
+            return tuple(stacked[str(i)] for i in range(len(stacked)))
+        return stacked

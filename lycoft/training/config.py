@@ -1,0 +1,970 @@
+"""Every trainer flag in one table, and how a command line plus a TOML file become a `TrainConfig`.
+
+The table is the `TrainConfig` dataclass itself: each field carries its default, help text and group,
+so `--help`, TOML checking and the written-back config all read the same source. Flag names follow
+kohya sd-scripts wherever kohya has the flag, so kohya configs load unchanged.
+
+Precedence: command line > ``--config`` TOML > defaults. Nothing here imports torch or touches a model:
+parsing and validation are fast and happen before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import cache
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from lycoft.training.errors import ConfigError, did_you_mean
+
+try:  # Python 3.11+; the `toml` package (a dependency anyway, it also writes) covers 3.10.
+    import tomllib as _toml_reader
+except ModuleNotFoundError:  # pragma: no cover - exercised on 3.10 only
+    _toml_reader = None
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor")
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+)
+# kohya's sample sampler names, so that kohya configs keep working.
+SAMPLERS = (
+    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+    "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
+)
+NETWORK_MODULES = ("lycoft", "lycoft.kohya")
+
+# `--network_args` keys and their value types; the network builder reads them through
+# `TrainConfig.network_options()`, which parses them once, here.
+NETWORK_ARG_TYPES: dict[str, type] = {
+    "algo": str,
+    "block_size": int,
+    "block_num": int,
+    "butterfly_factors": int,
+    "constraint": float,
+    "rescale": bool,
+    "dropout": float,
+    "preset": str,
+    "include": str,
+    "exclude": str,
+    "conv_block_size": int,
+    "side": str,
+}
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def flag(default: Any, help: str, *, group: str, choices: Sequence[str] | None = None,
+         kind: str | None = None) -> Any:
+    """A `TrainConfig` field: its default plus what `--help` and the checks need to know."""
+    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The resolved training configuration. Build it with `parse_args`; change it with `.replace()`."""
+
+    # --- model ---
+    pretrained_model_name_or_path: str | None = flag(
+        None, "Base model: a single-file .safetensors/.ckpt, a diffusers folder, a hub id, or "
+        "'builtin:tiny-sd1' (also tiny-sd2, tiny-sdxl) for the bundled tiny test models. Required.",
+        group="model")
+    vae: str | None = flag(
+        None, "A separate VAE (file, folder or hub id) to use instead of the model's own; a fixed VAE "
+        "avoids the black/NaN images of the fp16 SDXL VAE.", group="model")
+    model_family: str | None = flag(
+        None, "Force the model family instead of detecting it from the checkpoint. Detection is right "
+        "for standard checkpoints; force it for renamed or pruned ones.", group="model", choices=FAMILIES)
+    v2: bool = flag(False, "kohya spelling of --model_family sd2.", group="model")
+    sdxl: bool = flag(False, "kohya spelling of --model_family sdxl.", group="model")
+    v_parameterization: bool = flag(
+        False, "Train with the v-prediction target (SD2.x 768-v and v-pred SDXL finetunes). Wrong "
+        "for epsilon models: the adapter then learns to fight the base.", group="model")
+    clip_skip: int | None = flag(
+        None, "Use the text encoder's N-th hidden state from the end (2 = skip the last layer, as "
+        "anime SD1 models expect). Unset = the model's usual layer.", group="model")
+    max_token_length: int | None = flag(
+        None, "Caption length in tokens: unset = 75; 150 or 225 encode longer captions in 75-token "
+        "chunks (more text kept, slower text encoding).", group="model", choices=("75", "150", "225"))
+
+    # --- data ---
+    train_data_dir: str | None = flag(
+        None, "Folder of DreamBooth subfolders named '<repeats>_<class tokens>' (e.g. '10_sks dog'); "
+        "images directly inside it or in folders without the number are skipped with a warning.",
+        group="data")
+    reg_data_dir: str | None = flag(
+        None, "Regularization (prior preservation) images, same folder layout. They are cycled to "
+        "match the number of training images per epoch and weighted by --prior_loss_weight.",
+        group="data")
+    dataset_config: str | None = flag(
+        None, "A kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]]) instead of "
+        "--train_data_dir; the flags below act as its lowest-priority defaults.", group="data")
+    resolution: tuple[int, int] | None = flag(
+        None, "Training size: '512' or 'W,H' (e.g. '512,768'). Unset = 1024 for SDXL, 512 otherwise. "
+        "Larger = more detail, quadratically more compute and memory.", group="data", kind="resolution")
+    enable_bucket: bool = flag(
+        False, "Aspect-ratio bucketing: each image trains at the bucket (area <= resolution^2) closest "
+        "to its own aspect ratio instead of being cropped square. Keeps compositions; batches then "
+        "hold one bucket each, so small buckets give small batches.", group="data")
+    min_bucket_reso: int = flag(256, "Smallest bucket side in pixels.", group="data")
+    max_bucket_reso: int = flag(1024, "Largest bucket side in pixels.", group="data")
+    bucket_reso_steps: int = flag(
+        64, "Bucket sides are multiples of this (a multiple of 8, the VAE's factor). Smaller = buckets "
+        "closer to each image's aspect ratio, but more buckets and more partial batches.", group="data")
+    bucket_no_upscale: bool = flag(
+        False, "Never upscale: each image gets its own bucket no larger than the image (area still "
+        "<= resolution^2). Avoids blurry upscales of small images; creates more buckets.", group="data")
+    random_crop: bool = flag(
+        False, "Crop at a random offset instead of the center when an image is larger than its "
+        "bucket. More positional variety; cannot be combined with --cache_latents.", group="data")
+    flip_aug: bool = flag(
+        False, "Mirror images horizontally at random. Doubles the variety; wrong for asymmetric "
+        "subjects (text, logos, a parting on one side).", group="data")
+    max_data_loader_n_workers: int = flag(
+        8, "Data loader worker processes (0 = load in the training process), capped at the CPU "
+        "count. More workers hide image decoding; each costs memory.", group="data")
+
+    # --- captions ---
+    caption_extension: str = flag(
+        ".caption", "Caption file extension next to each image (kohya's default is '.caption'; most "
+        "datasets use '.txt'). Images without a caption file use their folder's class tokens.",
+        group="captions")
+    shuffle_caption: bool = flag(
+        False, "Shuffle the comma-separated tags of each caption every step, so no tag order is "
+        "learned. For tag-style captions, not for sentences.", group="captions")
+    keep_tokens: int = flag(
+        0, "Keep the first N comma-separated tags in place when shuffling (e.g. the trigger word).",
+        group="captions")
+    keep_tokens_separator: str = flag(
+        "", "Alternative to --keep_tokens: everything before this separator (e.g. '|||') stays fixed; "
+        "a second separator starts a fixed suffix.", group="captions")
+    caption_dropout_rate: float = flag(
+        0.0, "Probability of training a sample with an empty caption. A little (0.05-0.1) keeps the "
+        "adapter working without its trigger (better CFG); too much weakens the trigger.",
+        group="captions")
+    caption_tag_dropout_rate: float = flag(
+        0.0, "Probability of dropping each non-kept tag. Makes the adapter depend less on any single "
+        "tag; too much blurs what the tags mean.", group="captions")
+
+    # --- caching ---
+    cache_latents: bool = flag(
+        False, "Encode every image with the VAE once and reuse the latents: much faster steps and the "
+        "VAE can leave the GPU. Each image's crop is then fixed, so --random_crop cannot be used; "
+        "--flip_aug still works (both orientations are cached).", group="caching")
+    cache_latents_to_disk: bool = flag(
+        False, "Also keep the cached latents on disk ('<image>.lycoft.npz'), reused across runs and "
+        "invalidated when an image or its bucket changes. Implies --cache_latents.", group="caching")
+    vae_batch_size: int = flag(
+        1, "Images per VAE call while caching latents. Larger = faster caching, more memory.",
+        group="caching")
+    cache_text_encoder_outputs: bool = flag(
+        False, "Encode every caption once and reuse it (the text encoder must be frozen: needs "
+        "--network_train_unet_only; captions must not change, so no shuffle or dropout). Saves "
+        "memory and time, mostly for SDXL.", group="caching")
+
+    # --- training ---
+    train_batch_size: int = flag(
+        1, "Images per step per device. Larger = smoother gradients and better GPU use, more memory.",
+        group="training")
+    max_train_steps: int = flag(
+        1600, "Total optimizer steps. Ignored when --max_train_epochs is given.", group="training")
+    max_train_epochs: int | None = flag(
+        None, "Train this many epochs (one epoch = every image times its repeats); overrides "
+        "--max_train_steps.", group="training")
+    gradient_accumulation_steps: int = flag(
+        1, "Accumulate gradients over N batches per optimizer step: a larger effective batch without "
+        "more memory, N times slower per step.", group="training")
+    gradient_checkpointing: bool = flag(
+        False, "Recompute UNet activations in the backward pass: much less memory, ~20-30% slower.",
+        group="training")
+    seed: int | None = flag(
+        None, "Seed for data order, augmentation, noise and init. Unset = a random seed, recorded in "
+        "the saved config so the run can be repeated.", group="training")
+    skip_nonfinite: bool = flag(
+        False, "Skip (and count) steps whose loss is NaN/inf instead of stopping. Rescues a long run "
+        "from rare fp16 overflows; a rising count means the setup is unstable.", group="training")
+    cpu: bool = flag(False, "Train on the CPU even when a GPU is present (slow; for tests).",
+                     group="training")
+
+    # --- precision ---
+    mixed_precision: str = flag(
+        "no", "Autocast precision: bf16 (Ampere+; safe range) or fp16 (older GPUs; loss scaling "
+        "needed). The OFT rotation is always built in fp32.", group="precision",
+        choices=("no", "fp16", "bf16"))
+    full_fp16: bool = flag(
+        False, "Keep the adapter weights themselves in fp16: less memory, risk of underflow.",
+        group="precision")
+    full_bf16: bool = flag(
+        False, "Keep the adapter weights in bf16: less memory, coarser updates.", group="precision")
+    save_precision: str | None = flag(
+        None, "dtype of the saved adapter; unset = float. fp16/bf16 halve the file; OFT blocks are "
+        "small, so float is usually worth it.", group="precision", choices=("float", "fp16", "bf16"))
+    no_half_vae: bool = flag(
+        False, "Run the VAE in fp32 even with mixed precision (fixes NaN latents of the SDXL VAE).",
+        group="precision")
+    xformers: bool = flag(False, "Use xformers attention (needs the xformers package).",
+                          group="precision")
+    sdpa: bool = flag(False, "Use PyTorch scaled-dot-product attention (memory-efficient, no extra "
+                      "package).", group="precision")
+
+    # --- optimizer ---
+    optimizer_type: str = flag(
+        "AdamW", "AdamW, AdamW8bit (bitsandbytes; less memory), Prodigy (learns its own step size: "
+        "set --learning_rate 1), Lion, Adafactor, or a dotted class path such as torch.optim.SGD.",
+        group="optimizer")
+    optimizer_args: list[str] = flag(
+        [], "Extra optimizer arguments as key=value (e.g. weight_decay=0.01 'betas=(0.9,0.99)'); "
+        "values are Python literals.", group="optimizer")
+    learning_rate: float = flag(
+        1e-4, "Base learning rate. OFT parameters are rotations, so rates well above LoRA's "
+        "(1e-4..1e-3) are usual; too high overshoots the subject.", group="optimizer")
+    unet_lr: float | None = flag(None, "UNet learning rate; unset = --learning_rate.", group="optimizer")
+    text_encoder_lr: float | None = flag(
+        None, "Text encoder learning rate; unset = --learning_rate. Lower than the UNet's keeps the "
+        "text encoder from overfitting the trigger.", group="optimizer")
+    max_grad_norm: float = flag(
+        1.0, "Clip the gradient norm to this (0 = no clipping).", group="optimizer")
+
+    # --- scheduler ---
+    lr_scheduler: str = flag(
+        "constant", "Learning-rate schedule.", group="scheduler", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int | float = flag(
+        0, "Warmup steps (an integer) or a fraction of all steps (a number < 1, e.g. 0.05). Needs a "
+        "schedule with warmup (not 'constant').", group="scheduler", kind="warmup")
+    lr_scheduler_num_cycles: int = flag(
+        1, "Restarts of cosine_with_restarts.", group="scheduler")
+    lr_scheduler_power: float = flag(1.0, "Exponent of the polynomial schedule.", group="scheduler")
+
+    # --- loss ---
+    noise_offset: float = flag(
+        0.0, "Add this much per-channel offset noise (0.05-0.1 typical): lets the model learn very "
+        "dark and very bright images; too much washes out mid-tones. 0 = off.", group="loss")
+    min_snr_gamma: float | None = flag(
+        None, "Min-SNR loss weighting with this gamma (5 is the paper's value): faster, steadier "
+        "convergence by down-weighting easy low-noise steps. Unset = plain MSE.", group="loss")
+    prior_loss_weight: float = flag(
+        1.0, "Loss weight of regularization images. Higher keeps the class closer to the base model; "
+        "lower lets the subject dominate.", group="loss")
+
+    # --- network ---
+    network_module: str = flag(
+        "lycoft", "Adapter implementation. This trainer trains lycoft OFT/BOFT adapters only ("
+        "'lycoft.kohya' is the same network as kohya sees it).", group="network",
+        choices=NETWORK_MODULES)
+    network_dim: int | None = flag(
+        None, "OFT block size (kohya spelling; same as network_args block_size). Bigger blocks: more "
+        "expressive, more parameters and compute. Unset = 32 for oft, 8 for boft.", group="network")
+    network_alpha: float | None = flag(
+        None, "Ignored for OFT/BOFT; accepted so kohya configs load. The constraint is set with "
+        "network_args constraint=...", group="network")
+    network_args: list[str] = flag(
+        [], "Adapter options as key=value: algo=oft|boft, block_size, block_num, butterfly_factors, "
+        "constraint, rescale, dropout, preset, include, exclude (regex), conv_block_size, side.",
+        group="network")
+    network_dropout: float | None = flag(
+        None, "Block dropout: each rotation block is replaced by the identity with this probability "
+        "during training (same as network_args dropout).", group="network")
+    network_weights: str | None = flag(
+        None, "Start from these adapter weights (a warm start, not a resume).", group="network")
+    network_train_unet_only: bool = flag(
+        False, "Adapt the UNet only: faster, less memory, needed to cache text encoder outputs.",
+        group="network")
+    network_train_text_encoder_only: bool = flag(
+        False, "Adapt the text encoder(s) only.", group="network")
+
+    # --- prior preservation ---
+    num_class_images: int = flag(
+        0, "Generate class images with the base model until --reg_data_dir holds this many "
+        "(needs --class_prompt). 0 = use the folder as it is.", group="prior")
+    class_prompt: str | None = flag(
+        None, "Prompt for generating class images (e.g. 'a photo of a dog').", group="prior")
+
+    # --- saving ---
+    output_dir: str = flag("output", "Where adapters, states and the resolved config are written.",
+                           group="saving")
+    output_name: str = flag(
+        "last", "Adapter file name without extension; intermediate saves add '-<epoch or step>'.",
+        group="saving")
+    save_model_as: str = flag(
+        "safetensors", "File format of saved adapters; lycoft writes safetensors only.", group="saving",
+        choices=("safetensors",))
+    save_every_n_steps: int | None = flag(None, "Also save an adapter every N steps.", group="saving")
+    save_every_n_epochs: int | None = flag(None, "Also save an adapter every N epochs.", group="saving")
+    save_last_n_steps: int | None = flag(
+        None, "Delete step saves older than N steps (keeps disk use bounded).", group="saving")
+    save_last_n_epochs: int | None = flag(
+        None, "Keep only the last N epoch saves.", group="saving")
+    save_state: bool = flag(
+        False, "Save the full training state (optimizer, scheduler, RNG, step) with each adapter so "
+        "--resume can continue exactly; several times the adapter's size.", group="saving")
+    resume: str | None = flag(
+        None, "Continue from a state folder written by --save_state (step and epoch carry over).",
+        group="saving")
+
+    # --- sampling ---
+    sample_prompts: str | None = flag(
+        None, "File of prompts (one per line, kohya options --w --h --d --s --l --n) to render during "
+        "training.", group="sampling")
+    sample_every_n_steps: int | None = flag(None, "Render samples every N steps.", group="sampling")
+    sample_every_n_epochs: int | None = flag(None, "Render samples every N epochs.", group="sampling")
+    sample_sampler: str = flag("ddim", "Scheduler used for samples.", group="sampling", choices=SAMPLERS)
+    sample_at_first: bool = flag(False, "Render samples before the first step (the base model's "
+                                 "look, for comparison).", group="sampling")
+
+    # --- logging ---
+    logging_dir: str | None = flag(
+        None, "Write logs here; unset = no logs.", group="logging")
+    log_with: str | None = flag(
+        None, "Logger: tensorboard, wandb or all; unset with --logging_dir = tensorboard.",
+        group="logging", choices=("tensorboard", "wandb", "all"))
+
+    # --- the config file itself (command line only) ---
+    config: str | None = flag(
+        None, "TOML file with any of these flags as keys (flat, or in sections like kohya's "
+        "--config_file); the command line overrides it.", group="config")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def family_override(self) -> str | None:
+        """The family the user forced ('sd1', 'sd2', 'sdxl'), or None to detect it from the model."""
+        if self.model_family:
+            return self.model_family
+        if self.sdxl:
+            return "sdxl"
+        if self.v2:
+            return "sd2"
+        return None
+
+    def resolved_resolution(self, family: str | None = None) -> tuple[int, int]:
+        """(width, height): the flag if given, else the family's native size."""
+        if self.resolution is not None:
+            return self.resolution
+        return (1024, 1024) if (family or self.family_override) == "sdxl" else (512, 512)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """`--lr_warmup_steps` in steps: a fraction < 1 is a share of `total_steps`."""
+        if isinstance(self.lr_warmup_steps, float):
+            return int(round(self.lr_warmup_steps * total_steps))
+        return int(self.lr_warmup_steps)
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """`--optimizer_args` as keyword arguments (values read as Python literals, else strings)."""
+        out: dict[str, Any] = {}
+        for item in self.optimizer_args:
+            key, value = _split_kv(item, "optimizer_args")
+            try:
+                out[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                out[key] = value
+        return out
+
+    def network_options(self) -> dict[str, Any]:
+        """`--network_args` typed, with `--network_dim` and `--network_dropout` folded in."""
+        opts = parse_network_args(self.network_args)
+        if self.network_dim is not None and "block_size" not in opts and "block_num" not in opts:
+            opts["block_size"] = self.network_dim
+        if self.network_dropout is not None and "dropout" not in opts:
+            opts["dropout"] = self.network_dropout
+        return opts
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str
+    kind: str  # bool, int, float, str, list, resolution, warmup
+    nullable: bool
+    default: Any
+    help: str
+    group: str
+    choices: tuple[str, ...] | None
+
+
+@cache
+def flag_table() -> dict[str, _Flag]:
+    """name -> flag description, in declaration order (the order of `--help`)."""
+    hints = get_type_hints(TrainConfig)
+    table: dict[str, _Flag] = {}
+    for f in fields(TrainConfig):
+        hint = hints[f.name]
+        args = get_args(hint)
+        nullable = type(None) in args
+        base = [a for a in args if a is not type(None)] if args else [hint]
+        kind = f.metadata["kind"]
+        if kind is None:
+            if get_origin(hint) is list:
+                kind = "list"
+            else:
+                kind = {bool: "bool", int: "int", float: "float", str: "str"}[base[0]]
+        default = f.default if f.default is not MISSING else f.default_factory()
+        table[f.name] = _Flag(f.name, kind, nullable, default, f.metadata["help"], f.metadata["group"],
+                              f.metadata["choices"])
+    return table
+
+
+_EXPECTED = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "list": "a list of strings",
+    "resolution": "a size like 512 or '512,768'",
+    "warmup": "an integer step count or a fraction < 1",
+}
+
+
+def _type_error(f: _Flag, value: Any, where: str) -> ConfigError:
+    return ConfigError(f"{where} must be {_EXPECTED[f.kind]}, got {value!r} ({type(value).__name__})")
+
+
+def _from_text(f: _Flag, text: str | list[str], where: str) -> Any:
+    """Turn command-line text into the Python value a TOML file would have given."""
+    if f.kind == "list":
+        return list(text)
+    assert isinstance(text, str)
+    try:
+        if f.kind == "bool":
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if f.kind == "int":
+            return int(text)
+        if f.kind == "float":
+            return float(text)
+        if f.kind == "warmup":
+            return int(text) if text.strip().lstrip("+").isdigit() else float(text)
+    except ValueError:
+        raise ConfigError(f"{where} must be {_EXPECTED[f.kind]}, got {text!r}") from None
+    return text
+
+
+def _check(f: _Flag, value: Any, where: str) -> Any:
+    """Check a value's type against the flag, normalizing what has one obvious meaning."""
+    kind = f.kind
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool" and not isinstance(value, bool):
+        raise _type_error(f, value, where)
+    if kind == "int" and not (is_number and isinstance(value, int)):
+        raise _type_error(f, value, where)
+    if kind == "str" and not isinstance(value, str):
+        raise _type_error(f, value, where)
+    if kind == "float":
+        if not is_number:
+            raise _type_error(f, value, where)
+        value = float(value)
+    elif kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        elif isinstance(value, Mapping):  # `network_args = {algo = "oft"}` reads naturally in TOML
+            value = [f"{k}={_toml_scalar_text(v)}" for k, v in value.items()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _type_error(f, value, where)
+    elif kind == "resolution":
+        value = parse_resolution(value, where)
+    elif kind == "warmup":
+        if not is_number or value < 0:
+            raise _type_error(f, value, where)
+        if isinstance(value, float) and value >= 1:
+            if value != int(value):
+                raise ConfigError(f"{where} is {value}: give a whole number of steps or a fraction < 1")
+            value = int(value)
+    if f.choices is not None:
+        chosen = _choose(f, str(value), where)
+        value = int(chosen) if kind == "int" else chosen
+    if f.name == "optimizer_type":
+        value = _optimizer_name(value, where)
+    if f.name == "caption_extension" and value and not value.startswith("."):
+        value = "." + value  # 'txt' can only mean '.txt'
+    return value
+
+
+def _toml_scalar_text(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _choose(f: _Flag, value: str, where: str) -> str:
+    choices = f.choices or ()
+    for c in choices:
+        if value.lower() == c.lower():
+            return c
+    raise ConfigError(
+        f"{where} is {value!r}; choose one of {', '.join(choices)}{did_you_mean(value, choices)}"
+    )
+
+
+def _optimizer_name(value: str, where: str) -> str:
+    for name in OPTIMIZERS:
+        if value.lower() == name.lower():
+            return name
+    if "." in value.strip("."):
+        return value  # a class path, imported by the training loop
+    raise ConfigError(
+        f"{where} is {value!r}; use {', '.join(OPTIMIZERS)} or a dotted class path like "
+        f"torch.optim.SGD{did_you_mean(value, OPTIMIZERS)}"
+    )
+
+
+def parse_resolution(value: Any, where: str = "resolution") -> tuple[int, int]:
+    """512, '512', '512,768' or [512, 768] -> (width, height)."""
+    sides: list[Any]
+    if isinstance(value, bool):
+        sides = []
+    elif isinstance(value, int):
+        sides = [value, value]
+    elif isinstance(value, str):
+        parts = [p.strip() for p in value.replace("x", ",").split(",")]
+        sides = [int(p) if p.isdigit() else p for p in parts]
+        if len(sides) == 1:
+            sides = sides * 2
+    elif isinstance(value, (list, tuple)):
+        sides = list(value)
+    else:
+        sides = []
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise ConfigError(f"{where} must be a size like 512 or '512,768' (width,height), got {value!r}")
+    return (sides[0], sides[1])
+
+
+def _split_kv(item: str, flag_name: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--{flag_name} item {item!r} is not key=value; write e.g. 'block_size=16'")
+    return key.strip(), value.strip()
+
+
+def parse_network_args(items: Sequence[str]) -> dict[str, Any]:
+    """['algo=boft', 'block_size=8'] -> {'algo': 'boft', 'block_size': 8}, checking keys and types."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, text = _split_kv(item, "network_args")
+        if key not in NETWORK_ARG_TYPES:
+            raise ConfigError(
+                f"unknown network_args key {key!r}{did_you_mean(key, NETWORK_ARG_TYPES)} "
+                f"(known: {', '.join(NETWORK_ARG_TYPES)})"
+            )
+        typ = NETWORK_ARG_TYPES[key]
+        try:
+            if typ is bool:
+                if text.lower() not in _TRUE + _FALSE:
+                    raise ValueError
+                value: Any = text.lower() in _TRUE
+            else:
+                value = typ(text)
+        except ValueError:
+            kind = {bool: "true or false", int: "an integer", float: "a number"}[typ]
+            raise ConfigError(f"network_args {key} must be {kind}, got {text!r}") from None
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading TOML
+
+
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file; a missing file or bad syntax is a `ConfigError` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r} does not exist (resolved from {Path.cwd()})") from None
+    try:
+        if _toml_reader is not None:
+            return _toml_reader.loads(text)
+        import toml
+
+        return toml.loads(text)
+    except Exception as e:  # both parsers raise their own exception types
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def load_config_toml(path: str | Path) -> dict[str, Any]:
+    """A training TOML (flat, or kohya-style sections that are flattened) -> checked flag values."""
+    path = Path(path)
+    doc = read_toml(path)
+    table = flag_table()
+    # Keys whose value may itself be a table, so that `network_args = {...}` is a value, not a section.
+    table_valued = {n for n, f in table.items() if f.kind == "list"}
+    found: dict[str, tuple[Any, str]] = {}
+    problems: list[str] = []
+
+    def take(key: str, value: Any, section: str) -> None:
+        if key == "config":
+            problems.append(f"key 'config' in {section} of {path}: a config file cannot name another one")
+        elif key not in table:
+            problems.append(f"unknown key {key!r} in {section} of {path}{did_you_mean(key, table)}")
+        elif key in found:
+            problems.append(
+                f"key {key!r} is set twice in {path}: in {found[key][1]} and in {section}; keep one"
+            )
+        else:
+            found[key] = (value, section)
+
+    for key, value in doc.items():
+        if isinstance(value, dict) and key not in table_valued:
+            for sub_key, sub_value in value.items():
+                take(sub_key, sub_value, f"[{key}]")
+        else:
+            take(key, value, "the top level")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return {
+        key: _check(table[key], value, f"key {key!r} in {section} of {path}")
+        for key, (value, section) in found.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # A library function must not exit the interpreter on a typo; the CLI decides what to do.
+        raise ConfigError(f"{message}; run with --help to see every flag")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser behind `parse_args`; every default is suppressed so that only flags
+    actually typed show up, which is what lets the TOML sit between defaults and command line."""
+    parser = _Parser(
+        prog="train_network.py",
+        usage="%(prog)s [--config x.toml] [--flag value ...]",
+        description="Train an OFT/BOFT adapter (lycoft). Every flag can also be a key in the --config "
+        "TOML; the command line wins.",
+        allow_abbrev=False,  # a prefix must not silently match another flag
+        argument_default=argparse.SUPPRESS,
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in flag_table().values():
+        group = groups.get(f.group) or groups.setdefault(f.group, parser.add_argument_group(f.group))
+        default = "unset" if f.default is None else f.default
+        if f.kind == "resolution" and f.default is not None:
+            default = ",".join(map(str, f.default))
+        help_text = f"{f.help} (default: {default})".replace("%", "%%")
+        names = [f"--{f.name}"] + (["--config_file"] if f.name == "config" else [])
+        kwargs: dict[str, Any] = {"help": help_text, "dest": f.name}
+        if f.kind == "bool":
+            kwargs.update(nargs="?", const="true", metavar="true|false")
+        elif f.kind == "list":
+            kwargs.update(nargs="*", metavar="KEY=VALUE")
+        elif f.choices:
+            kwargs.update(metavar="{" + "|".join(f.choices) + "}")
+        else:
+            kwargs.update(metavar={"int": "N", "float": "X", "resolution": "W[,H]", "warmup": "N|RATIO"}
+                          .get(f.kind, "VALUE"))
+        group.add_argument(*names, **kwargs)
+    return parser
+
+
+def _unknown_flags_error(extra: list[str]) -> ConfigError:
+    known = [f"--{n}" for n in flag_table()]
+    lines = []
+    for token in extra:
+        if token.startswith("-"):
+            name = token.split("=", 1)[0]
+            lines.append(f"unknown flag {name!r}{did_you_mean(name, known)}")
+        else:
+            lines.append(f"unexpected argument {token!r}: flags take the form --name value")
+    return ConfigError("\n".join(lines) + "\nrun with --help to see every flag")
+
+
+def parse_args(argv: Sequence[str] | None = None, *, check: bool = True) -> TrainConfig:
+    """Command line (+ the ``--config`` TOML it names) -> a checked `TrainConfig`.
+
+    Precedence: command line > TOML > defaults. ``check=False`` skips `validate` (cross-field rules
+    and path checks); types and names are always checked. ``--help`` prints and exits.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    namespace, extra = parser.parse_known_args(argv)
+    if extra:
+        raise _unknown_flags_error(extra)
+    table = flag_table()
+    from_cli = {
+        name: _check(table[name], _from_text(table[name], text, f"--{name}"), f"--{name}")
+        for name, text in vars(namespace).items()
+    }
+    values = {name: f.default for name, f in table.items()}
+    config_path = from_cli.get("config")
+    if config_path:
+        values.update(load_config_toml(config_path))
+    values.update(from_cli)
+    cfg = TrainConfig(**values)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: Mapping[str, Any], *, where: str = "config", check: bool = True) -> TrainConfig:
+    """Build a config from Python values (tests, notebooks), with the same checks as a TOML file."""
+    table = flag_table()
+    unknown = [k for k in values if k not in table]
+    if unknown:
+        raise ConfigError(
+            "\n".join(f"unknown key {k!r} in {where}{did_you_mean(k, table)}" for k in unknown)
+        )
+    merged = {name: f.default for name, f in table.items()}
+    merged.update({k: _check(table[k], v, f"key {k!r} in {where}") for k, v in values.items()})
+    cfg = TrainConfig(**merged)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-field rules
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check the rules that involve several flags or the file system; raise one `ConfigError`
+    listing every problem, so a user fixes a config in one go."""
+    p: list[str] = []
+
+    def positive(name: str, allow_none: bool = True) -> None:
+        v = getattr(cfg, name)
+        if (v is None and not allow_none) or (v is not None and v < 1):
+            p.append(f"--{name} must be a positive integer, got {v}")
+
+    def in_range(name: str, lo: float, hi: float, hi_open: bool = False) -> None:
+        v = getattr(cfg, name)
+        if v is not None and (not lo <= v <= hi or (hi_open and v == hi)):
+            bound = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+            p.append(f"--{name} must be in {bound}, got {v}")
+
+    if not cfg.pretrained_model_name_or_path:
+        p.append("--pretrained_model_name_or_path is required (a .safetensors file, a diffusers folder, "
+                 "a hub id, or builtin:tiny-sd1)")
+
+    # model family
+    if cfg.v2 and cfg.sdxl:
+        p.append("--v2 and --sdxl contradict each other; give one (or --model_family)")
+    elif cfg.model_family:
+        for name, family, on in (("--v2", "sd2", cfg.v2), ("--sdxl", "sdxl", cfg.sdxl)):
+            if on and family != cfg.model_family:
+                p.append(f"{name} contradicts --model_family {cfg.model_family}; drop one")
+    if cfg.clip_skip is not None and cfg.clip_skip < 1:
+        p.append(f"--clip_skip must be >= 1 (1 = the last layer), got {cfg.clip_skip}")
+
+    # data source
+    if cfg.dataset_config and (cfg.train_data_dir or cfg.reg_data_dir):
+        p.append("--dataset_config and --train_data_dir/--reg_data_dir both given; put the folders in "
+                 "the dataset TOML as subsets (is_reg = true for regularization) or drop --dataset_config")
+    if not cfg.dataset_config and not cfg.train_data_dir:
+        p.append("no training data: give --train_data_dir (folders named '<repeats>_<tokens>') or "
+                 "--dataset_config (a kohya dataset TOML)")
+    for name in ("train_data_dir", "reg_data_dir"):
+        d = getattr(cfg, name)
+        generating = name == "reg_data_dir" and cfg.num_class_images > 0
+        if d and not generating and not Path(d).is_dir():
+            p.append(f"--{name} {d!r} is not a folder (resolved from {Path.cwd()})")
+
+    # buckets and sizes
+    if cfg.resolution is not None and any(s % 8 for s in cfg.resolution):
+        p.append(f"--resolution {cfg.resolution[0]},{cfg.resolution[1]}: both sides must be multiples of 8 "
+                 "(the VAE downsamples by 8)")
+    if cfg.bucket_reso_steps < 8 or cfg.bucket_reso_steps % 8:
+        p.append(f"--bucket_reso_steps must be a positive multiple of 8, got {cfg.bucket_reso_steps}; "
+                 "64 is usual")
+    elif cfg.enable_bucket:
+        for name in ("min_bucket_reso", "max_bucket_reso"):
+            v = getattr(cfg, name)
+            if v < cfg.bucket_reso_steps or v % cfg.bucket_reso_steps:
+                ok = max(cfg.bucket_reso_steps, v // cfg.bucket_reso_steps * cfg.bucket_reso_steps)
+                p.append(f"--{name} {v} is not a multiple of --bucket_reso_steps {cfg.bucket_reso_steps}; "
+                         f"use {ok}")
+        if cfg.min_bucket_reso > cfg.max_bucket_reso:
+            p.append(f"--min_bucket_reso {cfg.min_bucket_reso} is larger than --max_bucket_reso "
+                     f"{cfg.max_bucket_reso}")
+        res = cfg.resolved_resolution()
+        if not cfg.bucket_no_upscale and cfg.min_bucket_reso > min(res):
+            p.append(f"--min_bucket_reso {cfg.min_bucket_reso} is larger than the resolution "
+                     f"{res[0]},{res[1]}: no bucket fits; set --min_bucket_reso <= {min(res)}")
+
+    # captions
+    if cfg.keep_tokens < 0:
+        p.append(f"--keep_tokens must be >= 0, got {cfg.keep_tokens}")
+    in_range("caption_dropout_rate", 0.0, 1.0)
+    in_range("caption_tag_dropout_rate", 0.0, 1.0)
+
+    # caching
+    if (cfg.cache_latents or cfg.cache_latents_to_disk) and cfg.random_crop:
+        p.append("--random_crop cannot be used with --cache_latents: a cached latent has one fixed crop; "
+                 "drop one of them")
+    if cfg.cache_text_encoder_outputs:
+        if not cfg.network_train_unet_only:
+            p.append("--cache_text_encoder_outputs needs a frozen text encoder: add "
+                     "--network_train_unet_only")
+        varying = [n for n in ("shuffle_caption",) if getattr(cfg, n)]
+        varying += [n for n in ("caption_dropout_rate", "caption_tag_dropout_rate") if getattr(cfg, n) > 0]
+        if varying:
+            names = ", ".join("--" + v for v in varying)
+            p.append(f"--cache_text_encoder_outputs needs fixed captions, but {names} change them every "
+                     "step; drop those or the caching")
+    positive("vae_batch_size")
+
+    # steps and batches
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps"):
+        positive(name, allow_none=False)
+    positive("max_train_epochs")
+    if cfg.max_data_loader_n_workers < 0:
+        p.append(f"--max_data_loader_n_workers must be >= 0, got {cfg.max_data_loader_n_workers}")
+
+    # precision
+    if cfg.full_fp16 and cfg.full_bf16:
+        p.append("--full_fp16 and --full_bf16 both given; pick one")
+    if cfg.full_fp16 and cfg.mixed_precision != "fp16":
+        p.append(f"--full_fp16 needs --mixed_precision fp16 (got {cfg.mixed_precision!r})")
+    if cfg.full_bf16 and cfg.mixed_precision != "bf16":
+        p.append(f"--full_bf16 needs --mixed_precision bf16 (got {cfg.mixed_precision!r})")
+    if cfg.xformers and cfg.sdpa:
+        p.append("--xformers and --sdpa both given; pick one attention implementation")
+
+    # optimizer and schedule
+    if not cfg.learning_rate > 0:
+        p.append(f"--learning_rate must be > 0, got {cfg.learning_rate}")
+    for name in ("unet_lr", "text_encoder_lr"):
+        v = getattr(cfg, name)
+        if v is not None and v < 0:
+            p.append(f"--{name} must be >= 0, got {v}")
+    if cfg.max_grad_norm < 0:
+        p.append(f"--max_grad_norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}")
+    try:
+        cfg.optimizer_kwargs()
+    except ConfigError as e:
+        p.append(str(e))
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+        p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant; "
+                 "use constant_with_warmup (or another schedule)")
+    positive("lr_scheduler_num_cycles", allow_none=False)
+    if not cfg.lr_scheduler_power > 0:
+        p.append(f"--lr_scheduler_power must be > 0, got {cfg.lr_scheduler_power}")
+
+    # loss
+    if cfg.noise_offset < 0:
+        p.append(f"--noise_offset must be >= 0, got {cfg.noise_offset}")
+    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
+        p.append(f"--min_snr_gamma must be > 0 (leave it unset to turn it off), got {cfg.min_snr_gamma}")
+    if cfg.prior_loss_weight < 0:
+        p.append(f"--prior_loss_weight must be >= 0, got {cfg.prior_loss_weight}")
+
+    # network
+    if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
+        p.append("--network_train_unet_only and --network_train_text_encoder_only both given: nothing "
+                 "would train; drop one")
+    positive("network_dim")
+    in_range("network_dropout", 0.0, 1.0, hi_open=True)
+    try:
+        _check_network_args(cfg)
+    except ConfigError as e:
+        p.append(str(e))
+    if cfg.network_weights and not Path(cfg.network_weights).is_file():
+        p.append(f"--network_weights {cfg.network_weights!r} is not a file")
+
+    # prior preservation
+    if cfg.num_class_images < 0:
+        p.append(f"--num_class_images must be >= 0, got {cfg.num_class_images}")
+    if cfg.num_class_images > 0 and not (cfg.class_prompt and cfg.reg_data_dir):
+        p.append("--num_class_images needs --class_prompt (what to generate) and --reg_data_dir (where)")
+    if cfg.prior_loss_weight != 1.0 and not cfg.reg_data_dir and not cfg.dataset_config:
+        p.append(f"--prior_loss_weight {cfg.prior_loss_weight} has no effect without regularization images "
+                 "(--reg_data_dir)")
+
+    # saving and sampling
+    for name in ("save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs",
+                 "sample_every_n_steps", "sample_every_n_epochs"):
+        positive(name)
+    if cfg.save_last_n_steps and not cfg.save_every_n_steps:
+        p.append("--save_last_n_steps needs --save_every_n_steps (there are no step saves to prune)")
+    if cfg.save_last_n_epochs and not cfg.save_every_n_epochs:
+        p.append("--save_last_n_epochs needs --save_every_n_epochs (there are no epoch saves to prune)")
+    if not cfg.output_name or any(c in cfg.output_name for c in "/\\"):
+        p.append(f"--output_name {cfg.output_name!r} must be a plain file name; put folders in --output_dir")
+    if cfg.resume and not Path(cfg.resume).is_dir():
+        p.append(f"--resume {cfg.resume!r} is not a folder; give a state folder written by --save_state")
+    wants_samples = cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first
+    if wants_samples and not cfg.sample_prompts:
+        p.append("sampling is requested (--sample_every_n_* or --sample_at_first) but --sample_prompts "
+                 "is not set")
+    if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
+        p.append(f"--sample_prompts {cfg.sample_prompts!r} is not a file")
+    if cfg.log_with and not cfg.logging_dir and cfg.log_with != "wandb":
+        p.append(f"--log_with {cfg.log_with} needs --logging_dir (where tensorboard writes)")
+
+    # The dataset TOML is checked now too, so its typos surface before any model loads.
+    if cfg.dataset_config and not p:
+        from lycoft.training.dataset_config import datasets_from_config
+
+        try:
+            datasets_from_config(cfg)
+        except ConfigError as e:
+            p.append(str(e))
+
+    if p:
+        head = "1 problem" if len(p) == 1 else f"{len(p)} problems"
+        raise ConfigError(f"{head} in the training configuration:\n" + "\n".join(f"  - {m}" for m in p))
+
+
+def _check_network_args(cfg: TrainConfig) -> None:
+    opts = parse_network_args(cfg.network_args)
+    if cfg.network_dim is not None and opts.get("block_size", cfg.network_dim) != cfg.network_dim:
+        raise ConfigError(f"--network_dim {cfg.network_dim} and network_args block_size={opts['block_size']} "
+                          "disagree (both are the block size); keep one")
+    if cfg.network_dim is not None and "block_num" in opts:
+        raise ConfigError(f"--network_dim {cfg.network_dim} (block size) and network_args "
+                          f"block_num={opts['block_num']} both given; keep one")
+    if cfg.network_dropout is not None and opts.get("dropout", cfg.network_dropout) != cfg.network_dropout:
+        raise ConfigError(f"--network_dropout {cfg.network_dropout} and network_args "
+                          f"dropout={opts['dropout']} disagree; keep one")
+    from lycoft.config import AdapterConfig  # the adapter's own rules are the single source of truth
+
+    adapter_keys = {"algo", "block_size", "block_num", "butterfly_factors", "constraint", "rescale",
+                    "side", "dropout"}
+    merged = cfg.network_options()
+    try:
+        AdapterConfig(**{k: v for k, v in merged.items() if k in adapter_keys})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"network_args: {e}") from None
+    if "conv_block_size" in opts and opts["conv_block_size"] < 1:
+        raise ConfigError(f"network_args conv_block_size must be >= 1, got {opts['conv_block_size']}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the resolved config back
+
+
+def config_to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML, grouped in sections like `--help`; `parse_args(['--config', f])`
+    reads it back to an equal config. Unset values are left out (TOML has no null)."""
+    import toml
+
+    sections: dict[str, dict[str, Any]] = {}
+    for name, f in flag_table().items():
+        value = getattr(cfg, name)
+        if value is None or name == "config":
+            continue
+        if f.kind == "resolution":
+            value = value[0] if value[0] == value[1] else f"{value[0]},{value[1]}"
+        sections.setdefault(f.group, {})[name] = value
+    return "# resolved lycoft training config; reuse with --config\n" + toml.dumps(sections)
+
+
+def save_config_toml(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write `config_to_toml(cfg)` to `path` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_toml(cfg), encoding="utf-8")
+    return path

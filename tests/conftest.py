@@ -1,0 +1,28 @@
+import logging
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipes():
+    """Builder of the builtin tiny pipelines (fresh each call: tests mutate weights)."""
+    from lycoft.checkpoints.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline
+
+
+def randomise_network(net, std=0.05, seed=0, rescale_std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.adapters.values():
+            layer.oft_blocks.copy_(torch.randn(layer.oft_blocks.shape, generator=g) * std)
+            if layer.rescale is not None:
+                layer.rescale.copy_(1 + rescale_std * torch.randn(layer.rescale.shape, generator=g))
+    return net
