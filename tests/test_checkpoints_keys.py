@@ -38,13 +38,13 @@ from lycoft.checkpoints import (
 REAL = ("sd15", "sd21", "sdxl-base-1.0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def meta_unet(name: str) -> UNet2DConditionModel:
     with init_empty_weights():
         return UNet2DConditionModel.from_config(load_component_config(name, "unet"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(family: str):
     return build_tiny_pipeline(family, seed=1)
 
@@ -60,7 +60,9 @@ SD15_EXAMPLES = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
     "down_blocks.0.attentions.0.proj_in": "input_blocks.1.1.proj_in",
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    ),
     "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
     "down_blocks.0.resnets.0.norm1": "input_blocks.1.0.in_layers.0",
     "down_blocks.0.resnets.0.time_emb_proj": "input_blocks.1.0.emb_layers.1",
@@ -70,14 +72,18 @@ SD15_EXAMPLES = {
     "down_blocks.2.downsamplers.0.conv": "input_blocks.9.0.op",
     "down_blocks.3.resnets.1.conv1": "input_blocks.11.0.in_layers.2",
     "mid_block.resnets.0.conv1": "middle_block.0.in_layers.2",
-    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k": "middle_block.1.transformer_blocks.0.attn2.to_k",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k": (
+        "middle_block.1.transformer_blocks.0.attn2.to_k"
+    ),
     "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
     "up_blocks.0.resnets.2.conv_shortcut": "output_blocks.2.0.skip_connection",
     "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",
     "up_blocks.1.attentions.2.proj_out": "output_blocks.5.1.proj_out",
     "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
     "up_blocks.2.upsamplers.0.conv": "output_blocks.8.2.conv",
-    "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj": "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj",
+    "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj": (
+        "output_blocks.11.1.transformer_blocks.0.ff.net.0.proj"
+    ),
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
@@ -86,9 +92,15 @@ SDXL_EXAMPLES = {
     "add_embedding.linear_2": "label_emb.0.2",
     "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
     "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
-    "down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k": "input_blocks.5.1.transformer_blocks.1.attn2.to_k",
-    "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2": "input_blocks.8.1.transformer_blocks.9.ff.net.2",
-    "mid_block.attentions.0.transformer_blocks.9.attn1.to_out.0": "middle_block.1.transformer_blocks.9.attn1.to_out.0",
+    "down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k": (
+        "input_blocks.5.1.transformer_blocks.1.attn2.to_k"
+    ),
+    "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2": (
+        "input_blocks.8.1.transformer_blocks.9.ff.net.2"
+    ),
+    "mid_block.attentions.0.transformer_blocks.9.attn1.to_out.0": (
+        "middle_block.1.transformer_blocks.9.attn1.to_out.0"
+    ),
     "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
     "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
     "up_blocks.1.attentions.2.proj_in": "output_blocks.5.1.proj_in",
@@ -162,8 +174,11 @@ def test_layout_follows_config():
     sdxl = UNetLayout.for_family("sdxl")
     assert sdxl.down_attn == (False, True, True) and sdxl.up_attn == (True, True, False)
     per_level = UNetLayout.from_config(
-        {"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D"] * 2,
-         "layers_per_block": [1, 3]}
+        {
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] * 2,
+            "layers_per_block": [1, 3],
+        }
     )
     # level 0: 1 resnet + downsampler (1, 2); level 1 starts at 3; up levels get reversed(L) + 1 resnets
     assert per_level.input_start(1) == 3 and per_level.up_layers == (4, 2)
@@ -187,7 +202,9 @@ def test_unmappable_paths_raise_with_the_path(path, message):
         unet_module_path_to_ldm(path, UNetLayout.for_family("sd1"))
 
 
-@pytest.mark.parametrize("path", ["input_blocks.12.0", "output_blocks.0.1", "middle_block.3", "input_blocks.3.1"])
+@pytest.mark.parametrize(
+    "path", ["input_blocks.12.0", "output_blocks.0.1", "middle_block.3", "input_blocks.3.1"]
+)
 def test_unmappable_ldm_paths_raise(path):
     with pytest.raises(ValueError, match="input_blocks|output_blocks|middle"):
         unet_ldm_module_path_to_diffusers(path, UNetLayout.for_family("sd1"))
@@ -199,7 +216,9 @@ def test_vae_converter_matches_diffusers_on_tiny_weights():
     ldm = vae_state_dict_to_ldm(sd, len(vae.config.block_out_channels))
     assert ldm["encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)  # 1x1 conv in LDM files
     assert ldm["decoder.up.3.block.0.conv1.weight"] is not None  # decoder levels are reversed
-    assert torch.equal(ldm["decoder.up.3.block.0.conv1.weight"], sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
+    assert torch.equal(
+        ldm["decoder.up.3.block.0.conv1.weight"], sd["decoder.up_blocks.0.resnets.0.conv1.weight"]
+    )
     assert "encoder.down.0.downsample.conv.weight" in ldm and "decoder.up.1.upsample.conv.weight" in ldm
     back = convert_ldm_vae_checkpoint({VAE_PREFIX + k: v for k, v in ldm.items()}, dict(vae.config))
     assert set(back) == set(sd)
@@ -219,8 +238,14 @@ def test_vae_converter_matches_diffusers_on_real_layout(name):
 
 
 def test_text_encoder_module_path_normalises_both_transformers_layouts():
-    assert text_encoder_module_path("encoder.layers.3.self_attn.q_proj") == "text_model.encoder.layers.3.self_attn.q_proj"
-    assert text_encoder_module_path("text_model.encoder.layers.3.mlp.fc1") == "text_model.encoder.layers.3.mlp.fc1"
+    assert (
+        text_encoder_module_path("encoder.layers.3.self_attn.q_proj")
+        == "text_model.encoder.layers.3.self_attn.q_proj"
+    )
+    assert (
+        text_encoder_module_path("text_model.encoder.layers.3.mlp.fc1")
+        == "text_model.encoder.layers.3.mlp.fc1"
+    )
     assert text_encoder_module_path("final_layer_norm.weight") == "text_model.final_layer_norm.weight"
     assert text_encoder_module_path("text_projection") == "text_projection"
     te = tiny("sd1").text_encoder
@@ -247,7 +272,9 @@ def test_clip_and_open_clip_converters_match_diffusers():
     assert torch.equal(ldm2["text_projection"], te2.text_projection.weight.T)
     prefix = FAMILY_INFO["sdxl"].text_prefixes[1]
     back = convert_open_clip_checkpoint(te2, {prefix + k: v for k, v in ldm2.items()}, prefix=prefix)
-    expected = {text_encoder_module_path(k): v for k, v in te2.state_dict().items() if "position_ids" not in k}
+    expected = {
+        text_encoder_module_path(k): v for k, v in te2.state_dict().items() if "position_ids" not in k
+    }
     assert set(back) == set(expected)
     assert all(torch.equal(back[k], expected[k]) for k in expected)
 

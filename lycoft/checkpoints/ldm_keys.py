@@ -102,7 +102,7 @@ class UNetLayout:
         return sum(self.up_layers[:level])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _family_layout(family: str) -> UNetLayout:
     from .bundled import load_component_config
 

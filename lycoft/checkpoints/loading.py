@@ -4,7 +4,8 @@ Sources: ``builtin:tiny-sd1|tiny-sd2|tiny-sdxl``, a diffusers folder, a single-f
 or ``.ckpt`` LDM checkpoint, or a hub id. Single files never need the hub: diffusers'
 ``from_single_file`` gets a bundled config folder (``config=..., local_files_only=True``) chosen by the
 detected family and model width, and tokenizers built in code. ``.ckpt`` files are read with
-``torch.load(weights_only=True)`` (no arbitrary unpickling) and handed over as a temporary safetensors.
+``torch.load(weights_only=True)`` (no arbitrary unpickling; ``lycoft.formats.load_torch_checkpoint``)
+and handed over as a temporary safetensors. Files are written atomically (``lycoft.formats``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..formats import load_torch_checkpoint, read_safetensors_header, save_safetensors_atomic
 from .bundled import bundled_config_dir, load_component_config
 from .families import (
     CLIP,
@@ -54,85 +56,10 @@ _SOURCES_HELP = (
 # --------------------------------------------------------------------------------------- reading
 
 
-def _torch_load_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """Tensors of a pickle-based checkpoint, unwrapping Lightning's ``state_dict`` nesting."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-        except RuntimeError as err:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as err:
-        if not allow_pickle and "weights_only" in str(err):
-            raise ValueError(
-                f"{path} holds pickled Python objects that safe loading refuses ({type(err).__name__}); "
-                "convert it to .safetensors, or pass allow_pickle=True only if you trust the file"
-            ) from err
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
-    while isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    tensors = (
-        {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
-    )
-    if not tensors:
-        raise ValueError(f"{path} is not a model checkpoint: it holds no tensors")
-    return tensors
-
-
 def read_checkpoint_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(key -> shape, metadata) of a ``.safetensors`` file, reading only its header."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            metadata = dict(f.metadata() or {})
-    except Exception as err:
-        raise ValueError(f"{path} is not a safetensors checkpoint ({err})") from err
-    return shapes, metadata
-
-
-def _write_safetensors_atomic(
-    tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]
-) -> None:
-    """Write via a temp file in the same directory + fsync + os.replace: readers never see a partial file."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable; not every filesystem allows fsync on a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors with no two sharing storage (safetensors refuses shared memory)."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in tensors.items():
-        v = v.detach().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel():
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        out[k] = v
-    return out
+    """(key -> shape, metadata) of a ``.safetensors`` file, reading (and validating) only its header."""
+    header, metadata = read_safetensors_header(path)
+    return {k: info.shape for k, info in header.items()}, metadata
 
 
 @contextmanager
@@ -148,13 +75,11 @@ def _as_safetensors(path: Path, allow_pickle: bool):
             f"{path} has an unknown checkpoint extension {suffix!r}; use .safetensors or .ckpt "
             f"({', '.join(PICKLE_SUFFIXES)} are read as PyTorch pickles)"
         )
-    tensors = _torch_load_tensors(path, allow_pickle)
+    tensors = load_torch_checkpoint(path, allow_pickle=allow_pickle)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     with tempfile.TemporaryDirectory(prefix="lycoft-ckpt-") as tmp:
         out = Path(tmp) / (path.stem + ".safetensors")
-        from safetensors.torch import save_file
-
-        save_file(_unshared(tensors), str(out))
+        save_safetensors_atomic(tensors, out)
         del tensors
         yield out, shapes, {}
 
@@ -271,11 +196,17 @@ def _load_single_file(path: Path, family, v_prediction, dtype, allow_pickle, con
     return pipe, family, v_prediction
 
 
-def _load_diffusers_dir(path: Path, family, v_prediction, dtype, hub: bool = False) -> tuple[Any, str, bool]:
+def _load_diffusers_dir(
+    location: str, family, v_prediction, dtype, hub: bool = False
+) -> tuple[Any, str, bool]:
     from diffusers import DiffusionPipeline
 
+    path = Path(location)
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    if not hub:
+    if hub:
+        # Training and merging never need the NSFW checker; skip downloading and loading its ~1 GB.
+        kwargs["safety_checker"] = None
+    else:
         index_file = path / "model_index.json"
         if not index_file.is_file():
             raise ValueError(
@@ -284,15 +215,14 @@ def _load_diffusers_dir(path: Path, family, v_prediction, dtype, hub: bool = Fal
         index = json.loads(index_file.read_text())
         kwargs["local_files_only"] = True
         if index.get("safety_checker", [None])[0] is not None:
-            # Training and merging never need the NSFW checker; skip loading its ~1 GB of weights.
             kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
     except Exception as err:
         if hub:
             raise OSError(
-                f"could not load {path} from the model hub ({type(err).__name__}: {err}); check the id and "
-                "network access (HF_HUB_OFFLINE), or download it and give the local folder"
+                f"could not load {location!r} from the model hub ({type(err).__name__}: {err}); check the "
+                "id and network access (HF_HUB_OFFLINE), or download it and give the local folder"
             ) from err
         raise
     if not hasattr(pipe, "unet"):
@@ -366,7 +296,7 @@ def load_pipeline(
     else:
         path = Path(source).expanduser()
         if path.is_dir():
-            pipe, family, v_prediction = _load_diffusers_dir(path, family, v_prediction, dtype)
+            pipe, family, v_prediction = _load_diffusers_dir(str(path), family, v_prediction, dtype)
         elif path.is_file():
             pipe, family, v_prediction = _load_single_file(
                 path, family, v_prediction, dtype, allow_pickle, config
@@ -374,9 +304,7 @@ def load_pipeline(
         elif path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or not _HUB_ID.match(source):
             raise FileNotFoundError(f"model not found: {source!r} does not exist; {_SOURCES_HELP}")
         else:
-            pipe, family, v_prediction = _load_diffusers_dir(
-                Path(source), family, v_prediction, dtype, hub=True
-            )
+            pipe, family, v_prediction = _load_diffusers_dir(source, family, v_prediction, dtype, hub=True)
     if vae is not None:
         pipe.vae = _load_vae(vae, pipe, dtype, allow_pickle)
     return pipe, family, v_prediction
@@ -415,9 +343,9 @@ def save_single_file(
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = checkpoint_metadata(pipe, family, path.stem)
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
-    _write_safetensors_atomic(_unshared(tensors), path, meta)
-    return path
+    meta.update(metadata or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_safetensors_atomic(tensors, path, meta)
 
 
 def save_diffusers(pipe: Any, directory: str | os.PathLike) -> Path:

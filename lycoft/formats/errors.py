@@ -19,13 +19,18 @@ class AdapterFileError(ValueError):
         fix: what to do about it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], problem: str, fix: str, key: str | None = None):
+    def __init__(self, path: str | os.PathLike[str], problem: str | None = None, fix: str | None = None,
+                 key: str | None = None):
+        if problem is None:  # a complete message already composed by the caller
+            self.path, self.key, self.problem, self.fix = "", key, os.fspath(path), ""
+            super().__init__(os.fspath(path))
+            return
         self.path = os.fspath(path)
         self.key = key
         self.problem = problem
-        self.fix = fix
+        self.fix = fix or ""
         where = self.path if key is None else f"{self.path}: key {key!r}"
-        super().__init__(f"{where}: {problem}; {fix}")
+        super().__init__(f"{where}: {problem}; {fix}" if fix else f"{where}: {problem}")
 
 
 class UnsafeCheckpointError(AdapterFileError):

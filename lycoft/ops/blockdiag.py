@@ -4,6 +4,14 @@
 `nb * b` split into consecutive groups of `b` (SPEC section 2: group k of the weight rows becomes
 `R_k^T W_k`). The same function rotates weight rows (`dim=0`) and activation channels (`dim=1` for conv
 outputs, `dim=-1` for linear outputs).
+
+Speed: a tensor is viewed as `(p, nb, b, q)` (`p` = size before `dim`, `q` = size after it), which is
+always a view of a contiguous tensor, and every product is one batched GEMM on such views:
+- `q > 1` (weight rows, conv channels): block k of `(nb, b, q)` is a plain row-major matrix;
+- `q == 1` (channels last, linear outputs): block k of `(p, nb, b)` is a `(p, b)` matrix with row
+  stride `nb*b`, which BLAS reads and writes in place (no permute copies).
+A custom autograd function supplies both gradients with the same two kernels, so autograd records one
+node instead of the permutes, reshapes and copies of an einsum.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ import torch
 from torch import Tensor
 
 
-def _split(X: Tensor, dim: int, nb: int, b: int) -> tuple[Tensor, torch.Size]:
+def _view(X: Tensor, dim: int, nb: int, b: int) -> Tensor:
+    """`X` as `(p, nb, b, q)`; raises when the size on `dim` is not `nb * b`."""
     dim = dim % X.dim()
     shape = X.shape
     if shape[dim] != nb * b:
@@ -20,7 +29,67 @@ def _split(X: Tensor, dim: int, nb: int, b: int) -> tuple[Tensor, torch.Size]:
     pre = 1
     for s in shape[:dim]:
         pre *= s
-    return X.reshape(pre, nb, b, -1), shape
+    return X.reshape(pre, nb, b, -1)
+
+
+def block_matmul(A: Tensor, Xv: Tensor) -> Tensor:
+    """`Y[p, k] = A[k] @ Xv[p, k]` for `A` `(nb, b, b)`, `Xv` `(p, nb, b, q)` -> `(p, nb, b, q)` contiguous.
+
+    `A` may be any strided view (e.g. a transpose): BLAS takes it as is.
+    """
+    p, nb, b, q = Xv.shape
+    if A.dtype != Xv.dtype:
+        A = A.to(Xv.dtype)
+    differentiable = torch.is_grad_enabled() and (A.requires_grad or Xv.requires_grad)
+    if q > 1:
+        if p == 1:
+            return torch.bmm(A, Xv[0]).unsqueeze(0)
+        return torch.matmul(A, Xv)
+    rows = Xv.reshape(p, nb, b).transpose(0, 1)  # (nb, p, b), row stride nb*b
+    if differentiable:  # `out=` does not record autograd history; only backward-of-backward gets here
+        return torch.bmm(rows, A.transpose(1, 2)).transpose(0, 1).reshape(p, nb, b, 1)
+    Y = torch.empty((p, nb, b), dtype=Xv.dtype, device=Xv.device)
+    torch.bmm(rows, A.transpose(1, 2), out=Y.transpose(0, 1))
+    return Y.unsqueeze(-1)
+
+
+def block_outer(G: Tensor, Xv: Tensor) -> Tensor:
+    """`S[k] = sum_{p, q} G[p, k] @ Xv[p, k]^T` for `(p, nb, b, q)` inputs -> `(nb, b, b)`."""
+    p, nb, b, q = Xv.shape
+    if q > 1:
+        if p == 1:
+            return torch.bmm(G[0], Xv[0].transpose(1, 2))
+        return torch.matmul(G, Xv.transpose(-1, -2)).sum(0)
+    g = G.reshape(p, nb, b).permute(1, 2, 0)  # (nb, b, p): column-major blocks, leading dim nb*b
+    x = Xv.reshape(p, nb, b).transpose(0, 1)  # (nb, p, b)
+    return torch.bmm(g, x)
+
+
+class _BlockApply(torch.autograd.Function):
+    """`Y[p, k] = A[k] @ X[p, k]`; backward: `dX = A^T dY`, `dA[k] = sum dY X^T`."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, Xv: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(A, Xv)
+        return block_matmul(A, Xv)
+
+    @staticmethod
+    def backward(ctx, G: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        A, Xv = ctx.saved_tensors
+        G = G.contiguous()
+        dA = dX = None
+        if ctx.needs_input_grad[0]:
+            dA = block_outer(G, Xv).to(A.dtype)
+        if ctx.needs_input_grad[1]:
+            dX = block_matmul(A.transpose(1, 2), G)
+        return dA, dX
+
+
+def block_apply(A: Tensor, Xv: Tensor) -> Tensor:
+    """Differentiable `Y[p, k] = A[k] @ Xv[p, k]` (`A` `(nb, b, b)`, `Xv` `(p, nb, b, q)`)."""
+    if torch.is_grad_enabled() and (A.requires_grad or Xv.requires_grad):
+        return _BlockApply.apply(A, Xv)
+    return block_matmul(A, Xv)
 
 
 def blockdiag_apply(R: Tensor, X: Tensor, dim: int = 0, transpose: bool = False) -> Tensor:
@@ -29,9 +98,6 @@ def blockdiag_apply(R: Tensor, X: Tensor, dim: int = 0, transpose: bool = False)
     R `(nb, b, b)`, X `(..., nb*b, ...)` -> same shape as X.
     """
     nb, b, _ = R.shape
-    Xv, shape = _split(X, dim, nb, b)
-    if transpose:
-        Y = torch.einsum("kji,pkiq->pkjq", R, Xv)
-    else:
-        Y = torch.einsum("kij,pkiq->pkjq", R, Xv)
-    return Y.reshape(shape)
+    Xv = _view(X, dim, nb, b)
+    A = R if transpose else R.transpose(1, 2)
+    return block_apply(A, Xv).reshape(X.shape)

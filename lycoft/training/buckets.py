@@ -9,6 +9,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from lycoft.training.errors import ConfigError
+
 
 def make_buckets(
     resolution: tuple[int, int], min_reso: int, max_reso: int, steps: int
@@ -62,7 +64,7 @@ class Bucketer:
         fixed = enable and not no_upscale
         self.buckets = make_buckets(resolution, min_reso, max_reso, steps) if fixed else []
         if fixed and not self.buckets:
-            raise ValueError(f"no bucket fits resolution {resolution} with sides in [{min_reso}, {max_reso}] "
+            raise ConfigError(f"no bucket fits resolution {resolution} with sides in [{min_reso}, {max_reso}] "
                              f"in steps of {steps}; lower min_bucket_reso")
         self._log_ratios = [math.log(w / h) for w, h in self.buckets]
 

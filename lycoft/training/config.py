@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import logging
+import os
+import random
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from lycoft.training.errors import ConfigError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 try:  # Python 3.11+; the `toml` package (a dependency anyway, it also writes) covers 3.10.
     import tomllib as _toml_reader
@@ -354,6 +359,17 @@ class TrainConfig:
             return self.resolution
         return (1024, 1024) if (family or self.family_override) == "sdxl" else (512, 512)
 
+    def with_resolved_seed(self) -> TrainConfig:
+        """This config with a concrete seed: an unset one is drawn now, so that saving the config
+        records the seed that was actually used."""
+        if self.seed is not None:
+            return self
+        return self.replace(seed=random.SystemRandom().randrange(2**31))
+
+    def data_loader_workers(self) -> int:
+        """``--max_data_loader_n_workers`` capped at the CPU count (as kohya does)."""
+        return min(self.max_data_loader_n_workers, os.cpu_count() or 1)
+
     def warmup_steps(self, total_steps: int) -> int:
         """`--lr_warmup_steps` in steps: a fraction < 1 is a share of `total_steps`."""
         if isinstance(self.lr_warmup_steps, float):
@@ -673,11 +689,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _unknown_flags_error(extra: list[str]) -> ConfigError:
     known = [f"--{n}" for n in flag_table()]
     lines = []
+    after_unknown_flag = False
     for token in extra:
         if token.startswith("-"):
             name = token.split("=", 1)[0]
             lines.append(f"unknown flag {name!r}{did_you_mean(name, known)}")
-        else:
+            after_unknown_flag = True
+        elif not after_unknown_flag:  # words right after an unknown flag are its values, not news
             lines.append(f"unexpected argument {token!r}: flags take the form --name value")
     return ConfigError("\n".join(lines) + "\nrun with --help to see every flag")
 
@@ -866,6 +884,9 @@ def validate(cfg: TrainConfig) -> None:
         p.append("--network_train_unet_only and --network_train_text_encoder_only both given: nothing "
                  "would train; drop one")
     positive("network_dim")
+    if cfg.network_alpha is not None:
+        logger.warning("--network_alpha %s is ignored: OFT/BOFT have no alpha; set a constraint with "
+                       "--network_args constraint=...", cfg.network_alpha)
     in_range("network_dropout", 0.0, 1.0, hi_open=True)
     try:
         _check_network_args(cfg)

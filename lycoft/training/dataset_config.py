@@ -102,6 +102,9 @@ class DatasetConfig:
         if steps < 8 or steps % 8:
             raise ValueError(f"bucket_reso_steps must be a positive multiple of 8, got {steps}")
         if self.enable_bucket:
+            for name in ("min_bucket_reso", "max_bucket_reso"):
+                if getattr(self, name) % steps:
+                    raise ValueError(f"{name} {getattr(self, name)} is not a multiple of bucket_reso_steps {steps}")
             if self.min_bucket_reso > self.max_bucket_reso:
                 raise ValueError(
                     f"min_bucket_reso {self.min_bucket_reso} > max_bucket_reso {self.max_bucket_reso}"
