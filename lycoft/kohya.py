@@ -1,0 +1,297 @@
+"""Entry points for kohya-ss/sd-scripts: ``--network_module lycoft.kohya``.
+
+    accelerate launch train_network.py ... --network_module lycoft.kohya --network_dim 32 \\
+        --network_args "algo=boft" "block_size=8" "butterfly_factors=2" "preset=attn-mlp"
+
+``network_dim`` is the block size (the LyCORIS meaning; kohya's legacy ``networks.oft`` counted blocks:
+pass ``block_num=`` for that). ``network_alpha`` has no meaning for OFT and is ignored; the COFT bound is
+``constraint=``. Network args (strings, as kohya passes them):
+
+==================  ====================================================================================
+algo                ``oft`` (alias ``diag-oft``) or ``boft``
+block_size          rows per rotation block (overrides network_dim); or ``block_num`` = number of blocks
+butterfly_factors   boft stages m (alias ``boft_m``); default: the largest valid (full butterfly)
+constraint          COFT bound ``||Q|| <= constraint * dim`` (alias ``constrain``); 0 = off
+rescale             ``True`` to train a per-channel scale (alias ``rescaled``); ComfyUI ignores it for oft
+module_dropout      probability of replacing a block by the identity while training
+preset              ``full`` (default), ``attn-mlp``, ``attn-only``, ``full-lin``, ``unet-only``
+include / exclude   regexes on module path or key (several separated by ``|``: it is one regex)
+conv_block_size     block size for convolutions with kernel > 1 (alias ``conv_dim``)
+side                ``output`` (default; what UIs read) or ``input``
+path                ``auto`` (default), ``weight`` or ``activation``: forward execution path
+==================  ====================================================================================
+
+The import path needs only torch, safetensors and lycoft's own modules (no diffusers/transformers), so it
+works in the environment sd-scripts pins.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .formats.lycoris import load_into_network, parse_adapter_tensors, save_network
+from .formats.safe_io import read_safetensors
+from .network import Network, _components
+from .targets import Target, select_targets
+
+log = logging.getLogger("lycoft")
+
+ALIASES = {"boft_m": "butterfly_factors", "constrain": "constraint", "rescaled": "rescale",
+           "conv_dim": "conv_block_size", "dim": "block_size"}
+CONFIG_KEYS = {"algo", "block_size", "block_num", "butterfly_factors", "constraint", "rescale", "side", "path"}
+NETWORK_KEYS = {"preset", "include", "exclude", "conv_block_size", "module_dropout", "dropout", "conv_alpha",
+                "train_norm", "use_tucker", "use_scalar", "rank_dropout", "network_dropout"}
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", "none", ""):
+        return False
+    raise ValueError(f"expected True/False, got {value!r}")
+
+
+def _num(name: str, value: Any, kind: type) -> Any:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"network arg {name}={value!r} must be a {kind.__name__}") from None
+
+
+def parse_network_args(network_dim: int | None, kwargs: dict[str, Any]) -> tuple[AdapterConfig, dict[str, Any]]:
+    """kohya ``--network_args`` (string values) -> AdapterConfig + network options; unknown keys are errors."""
+    args = {ALIASES.get(k, k): v for k, v in kwargs.items()}
+    unknown = sorted(set(args) - CONFIG_KEYS - NETWORK_KEYS)
+    if unknown:
+        raise ValueError(f"unknown network arg(s) {unknown} for lycoft.kohya; known: "
+                         f"{sorted(CONFIG_KEYS | NETWORK_KEYS | set(ALIASES))}")
+    cfg: dict[str, Any] = {}
+    if args.get("algo") is not None:
+        cfg["algo"] = str(args["algo"])
+    block_num = _num("block_num", args.get("block_num"), int)
+    block_size = _num("block_size", args.get("block_size"), int)
+    if block_num is not None:
+        cfg["block_num"] = block_num
+    elif block_size is not None:
+        cfg["block_size"] = block_size
+    elif network_dim:
+        cfg["block_size"] = int(network_dim)
+    if args.get("butterfly_factors") is not None:
+        cfg["butterfly_factors"] = _num("butterfly_factors", args["butterfly_factors"], int)
+    if args.get("constraint") is not None:
+        cfg["constraint"] = _num("constraint", args["constraint"], float)
+    if args.get("rescale") is not None:
+        cfg["rescale"] = _bool(args["rescale"])
+    for key in ("side", "path"):
+        if args.get(key) is not None:
+            cfg[key] = str(args[key])
+    module_dropout = _num("module_dropout", args.get("module_dropout"), float)
+    if module_dropout:
+        cfg["dropout"] = module_dropout
+    neuron = _num("dropout", args.get("dropout"), float)
+    if neuron:
+        log.warning("lycoft: network_dropout=%s (neuron dropout) does not apply to orthogonal adapters; ignored. "
+                    "Use --network_args module_dropout=<p> to drop whole blocks.", neuron)
+    for ignored in ("conv_alpha", "train_norm", "use_tucker", "use_scalar", "rank_dropout"):
+        if args.get(ignored) not in (None, "", "0", "False", "false", "None"):
+            log.warning("lycoft: network arg %s=%s has no meaning for OFT/BOFT; ignored", ignored, args[ignored])
+    options = {
+        "preset": str(args.get("preset") or "full"),
+        "include": args.get("include") or None,
+        "exclude": args.get("exclude") or None,
+        "conv_block_size": _num("conv_block_size", args.get("conv_block_size"), int),
+    }
+    return AdapterConfig(**cfg), options
+
+
+def _text_encoders(text_encoder: Any) -> list[nn.Module]:
+    if text_encoder is None:
+        return []
+    if isinstance(text_encoder, (list, tuple)):
+        return [t for t in text_encoder if t is not None]
+    return [text_encoder]
+
+
+class KohyaNetwork(Network):
+    """`Network` plus the methods sd-scripts' train_network.py and gen_img.py call."""
+
+    def __init__(self, family: str, config: AdapterConfig | None = None, preset: str | None = None,
+                 multiplier: float = 1.0) -> None:
+        super().__init__(family, config, preset)
+        self.multiplier = multiplier
+        self._backup: dict[str, torch.Tensor] = {}
+
+    # -- creation / application -----------------------------------------------------------------------
+    def apply_to(self, text_encoder: Any = None, unet: Any = None, apply_text_encoder: bool = True,
+                 apply_unet: bool = True) -> None:
+        """Keep only the components being trained, then attach the adapters."""
+        for key in list(self.adapters):
+            comp = self.components[key]
+            if (comp == "unet" and not apply_unet) or (comp != "unet" and not apply_text_encoder):
+                del self.adapters[key]
+                del self.components[key]
+        log.info("lycoft: %s", self.summary())
+        self.set_multiplier(self.multiplier)
+        self.apply()
+
+    def prepare_network(self, args: Any) -> None:  # noqa: ARG002 - part of the contract
+        return None
+
+    def prepare_grad_etc(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder: Any = None, unet: Any = None) -> None:
+        self.train()
+
+    def on_step_start(self, text_encoder: Any = None, unet: Any = None) -> None:
+        return None
+
+    def get_trainable_params(self) -> list[nn.Parameter]:
+        return self.trainable_parameters()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: the adapters are recomputed with the UNet's own checkpointed blocks."""
+        return None
+
+    # -- optimizer ------------------------------------------------------------------------------------
+    def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr: Any, unet_lr: float | None,
+                                                      default_lr: float | None) -> tuple[list[dict], list[str]]:
+        if isinstance(text_encoder_lr, (list, tuple)):
+            te_lrs = list(text_encoder_lr)
+        else:
+            te_lrs = [text_encoder_lr]
+        lrs: dict[str, float | None] = {"unet": unet_lr}
+        for i in range(2):
+            lr = te_lrs[i] if i < len(te_lrs) else te_lrs[0] if te_lrs else None
+            lrs[f"te{i + 1}"] = lr
+        base = default_lr if default_lr is not None else (unet_lr if unet_lr is not None else 1e-4)
+        groups = self.parameter_groups(lrs, base)
+        descriptions = [{"unet": "unet", "te1": "textencoder 1", "te2": "textencoder 2"}[g.pop("name")]
+                        for g in groups]
+        return groups, descriptions
+
+    def prepare_optimizer_params(self, text_encoder_lr: Any, unet_lr: float | None,
+                                 default_lr: float | None = None) -> list[dict]:
+        groups, _ = self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)
+        return groups
+
+    # -- files ----------------------------------------------------------------------------------------
+    def save_weights(self, file: str, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+                     ) -> None:
+        save_network(self, file, metadata=metadata or None, dtype=dtype)
+
+    def load_weights(self, file: str) -> str:
+        missing = load_into_network(self, file, strict=False)
+        return f"lycoft: loaded {file} ({len(missing)} keys not in this network)"
+
+    # -- inference helpers (gen_img.py, --base_weights) -----------------------------------------------
+    def is_mergeable(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def merge_to(self, text_encoder: Any = None, unet: Any = None, weights_sd: dict | None = None,
+                 dtype: torch.dtype | None = None, device: Any = None) -> None:
+        if weights_sd:
+            specs = parse_adapter_tensors(weights_sd)
+            for key, spec in specs.items():
+                if key in self.adapters:
+                    self.adapters[key].oft_blocks.copy_(spec.blocks)
+                    if spec.rescale is not None and self.adapters[key].rescale is not None:
+                        self.adapters[key].rescale.copy_(spec.rescale.reshape(self.adapters[key].rescale.shape))
+        self.merge()
+
+    def backup_weights(self) -> None:
+        self._backup = {k: layer.base.weight.detach().clone() for k, layer in self.adapters.items()}
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        for k, w in self._backup.items():
+            self.adapters[k].base.weight.copy_(w)
+
+    @torch.no_grad()
+    def pre_calculation(self) -> None:
+        """gen_img.py: bake the adapters into the weights once (keep `backup_weights` to undo)."""
+        self.merge()
+
+    def apply_max_norm_regularization(self, max_norm: float, device: Any = None) -> tuple[int, torch.Tensor,
+                                                                                         torch.Tensor]:
+        """Rotations keep norms; report ||Q|| statistics and scale nothing (use ``constraint=`` instead)."""
+        norms = torch.stack([torch.linalg.vector_norm(layer.skew_blocks().detach())
+                             for layer in self.adapters.values()])
+        return 0, norms.mean(), norms.max()
+
+
+def _family(unet: Any, tes: Sequence[nn.Module]) -> str:
+    from .network import detect_family
+
+    return detect_family(unet, tes)
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
+                   text_encoder: Any, unet: Any, neuron_dropout: float | None = None, **kwargs: Any
+                   ) -> KohyaNetwork:
+    """sd-scripts calls this with ``network_dim`` (block size here), ``network_alpha`` (ignored) and the
+    ``--network_args`` as string kwargs."""
+    if neuron_dropout is not None and "dropout" not in kwargs:
+        kwargs["dropout"] = neuron_dropout
+    config, options = parse_network_args(network_dim, kwargs)
+    if network_alpha not in (None, 1, 1.0):
+        log.info("lycoft: network_alpha=%s is ignored by OFT (use --network_args constraint=...)", network_alpha)
+    tes = _text_encoders(text_encoder)
+    family = _family(unet, tes)
+    comps, key_of = _components(unet, tes, family)
+    targets, skipped = select_targets(comps, key_of, config, options["preset"], options["include"],
+                                      options["exclude"], None, options["conv_block_size"])
+    if not targets:
+        raise ValueError(f"lycoft: no layer matched preset {options['preset']!r} "
+                         f"(include={options['include']!r}, exclude={options['exclude']!r})")
+    net = KohyaNetwork(family, config, options["preset"], multiplier)
+    for t in targets:
+        net.add(t)
+    net.skipped = skipped
+    if skipped:
+        log.warning("lycoft: skipped %d layer(s) that cannot take the adapter: %s (first reason: %s)",
+                    len(skipped), ", ".join(k for k, _ in skipped[:8]), skipped[0][1])
+    return net
+
+
+def create_network_from_weights(multiplier: float, file: str | None, vae: Any, text_encoder: Any, unet: Any,
+                                weights_sd: dict | None = None, for_inference: bool = False, **kwargs: Any
+                                ) -> tuple[KohyaNetwork, dict]:
+    """Rebuild the network a file describes (algo, block sizes, rescale per module) on these models."""
+    from .network import candidate_index
+
+    metadata: dict[str, str] = {}
+    if weights_sd is None:
+        weights_sd, metadata = read_safetensors(file)
+    specs = parse_adapter_tensors(weights_sd, metadata, path=str(file))
+    tes = _text_encoders(text_encoder)
+    family = _family(unet, tes)
+    index = candidate_index(unet, tes, family)
+    net = KohyaNetwork(family, None, "from-weights", multiplier)
+    unmatched = []
+    for key, spec in specs.items():
+        hit = index.get(key)
+        if hit is None:
+            unmatched.append(key)
+            continue
+        comp, path, module = hit
+        layer = net.add(Target(comp, path, key, module, spec.config()), layout=spec.layout())
+        with torch.no_grad():
+            layer.oft_blocks.copy_(spec.blocks)
+            if spec.rescale is not None:
+                layer.rescale.copy_(spec.rescale.reshape(layer.rescale.shape))
+    if unmatched:
+        log.warning("lycoft: %d key(s) of %s match no layer: %s", len(unmatched), file, unmatched[:5])
+    return net, weights_sd
