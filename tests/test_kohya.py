@@ -18,7 +18,7 @@ def train_like_kohya(net, te, unet, steps=2):
     groups, descriptions = net.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-3, 1e-2)
     net.prepare_grad_etc(te, unet)
     opt = torch.optim.AdamW(groups)
-    for epoch in range(1):
+    for _epoch in range(1):
         net.on_epoch_start(te, unet)
         for _ in range(steps):
             net.on_step_start(te, unet)
