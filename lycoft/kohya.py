@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .formats.lycoris import load_into_network, parse_adapter_tensors, save_network
+from .formats.lycoris import attach_specs, load_into_network, parse_adapter_tensors, save_network
 from .formats.safe_io import read_safetensors
 from .network import Network, _components
-from .targets import Target, select_targets
+from .targets import select_targets
 
 log = logging.getLogger("lycoft")
 
@@ -270,28 +270,11 @@ def create_network_from_weights(multiplier: float, file: str | None, vae: Any, t
                                 weights_sd: dict | None = None, for_inference: bool = False, **kwargs: Any
                                 ) -> tuple[KohyaNetwork, dict]:
     """Rebuild the network a file describes (algo, block sizes, rescale per module) on these models."""
-    from .network import candidate_index
-
     metadata: dict[str, str] = {}
     if weights_sd is None:
         weights_sd, metadata = read_safetensors(file)
     specs = parse_adapter_tensors(weights_sd, metadata, path=str(file))
     tes = _text_encoders(text_encoder)
-    family = _family(unet, tes)
-    index = candidate_index(unet, tes, family)
-    net = KohyaNetwork(family, None, "from-weights", multiplier)
-    unmatched = []
-    for key, spec in specs.items():
-        hit = index.get(key)
-        if hit is None:
-            unmatched.append(key)
-            continue
-        comp, path, module = hit
-        layer = net.add(Target(comp, path, key, module, spec.config()), layout=spec.layout())
-        with torch.no_grad():
-            layer.oft_blocks.copy_(spec.blocks)
-            if spec.rescale is not None:
-                layer.rescale.copy_(spec.rescale.reshape(layer.rescale.shape))
-    if unmatched:
-        log.warning("lycoft: %d key(s) of %s match no layer: %s", len(unmatched), file, unmatched[:5])
+    net = KohyaNetwork(_family(unet, tes), None, "from-weights", multiplier)
+    attach_specs(net, specs, unet, tes, str(file), allow_partial=True)
     return net, weights_sd

@@ -7,22 +7,22 @@ UNet: ``lora_unet_<path>`` with diffusers paths for SD1.x/SD2.x and LDM paths fo
 
 from __future__ import annotations
 
-import re
-
 UNET_PREFIX = "lora_unet"
 TE_PREFIX = "lora_te"
 KOHYA_LEGACY_UNET_PREFIX = "oft_unet"
 
-_TE_FLAT = re.compile(r"^(encoder\.|embeddings\.|final_layer_norm)")
-
-
 def text_encoder_path(path: str) -> str:
-    """Normalise a CLIP module path to the ``text_model.`` form (transformers 5 may drop that wrapper)."""
-    if path.startswith("text_model."):
+    """A CLIP text-encoder module (or parameter) path in the ``text_model.``-wrapped form.
+
+    transformers >= 5.6 flattened ``CLIPTextModel`` (``encoder.layers.0.self_attn.q_proj``); older versions
+    and ``CLIPTextModelWithProjection`` wrap it (``text_model.encoder.layers.0.self_attn.q_proj``). Adapter
+    keys and LDM files always use the wrapped form. ``text_projection`` stays top level.
+    """
+    if path in ("", "text_model", "text_projection"):
+        return path or "text_model"
+    if path.startswith(("text_model.", "text_projection.")):
         return path
-    if _TE_FLAT.match(path):
-        return "text_model." + path
-    return path
+    return "text_model." + path
 
 
 def te_prefix(index: int, count: int) -> str:

@@ -28,6 +28,18 @@ from lycoft.checkpoints import (
 from lycoft.formats import UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models gain nothing from a second thread, and on a shared 2-core machine a second
+    OpenMP thread makes their forward passes 10-30x slower (measured), so these tests run on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 COMPONENTS = {
     "sd1": ("unet", "vae", "text_encoder"),
     "sd2": ("unet", "vae", "text_encoder"),
@@ -82,9 +94,11 @@ def test_single_file_round_trip_is_bit_identical(tmp_path, family):
     assert loaded.tokenizer("a photo of sks dog").input_ids == pipe.tokenizer("a photo of sks dog").input_ids
     if family == "sdxl":
         assert loaded.tokenizer_2.pad_token == "!"
-    if family == "sd2":  # same weights imply the same images, given the same scheduler: check one end to end
+    if family == "sd2":  # end to end once: same weights and scheduler -> same images
         loaded.set_progress_bar_config(disable=True)
-        assert torch.equal(generate(pipe), generate(loaded))
+        # Not bit-exact: CPU kernels pick code paths by buffer alignment, which differs between freshly
+        # initialised and loaded weights (measured: 1e-6 on the UNet output, 1e-5 on the image).
+        assert (generate(pipe) - generate(loaded)).abs().max().item() < 1e-4
 
 
 def test_single_file_has_ldm_layout_and_metadata(tmp_path):

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..naming import text_encoder_path
 from .families import CLIP, UNET_PREFIX, VAE_PREFIX, family_info
 
 # ----------------------------------------------------------------------------------------------- UNet
@@ -134,7 +135,6 @@ _UNET_TOP_TO_LDM = {
     "add_embedding.linear_1": "label_emb.0.0",
     "add_embedding.act": "label_emb.0.1",
     "add_embedding.linear_2": "label_emb.0.2",
-    "mid_block": "middle_block",
 }
 _UNET_TOP_FROM_LDM = {v: k for k, v in _UNET_TOP_TO_LDM.items()}
 
@@ -189,7 +189,7 @@ def unet_module_path_to_ldm(path: str, layout: UNetLayout) -> str:
     if path == "":
         return ""
     for top in sorted(_UNET_TOP_TO_LDM, key=len, reverse=True):
-        if top != "mid_block" and (path == top or path.startswith(top + ".")):
+        if path == top or path.startswith(top + "."):
             return _UNET_TOP_TO_LDM[top] + path[len(top) :]
     parts = path.split(".")
     head = parts[0]
@@ -243,7 +243,7 @@ def unet_ldm_module_path_to_diffusers(path: str, layout: UNetLayout) -> str:
     if path == "":
         return ""
     for top in sorted(_UNET_TOP_FROM_LDM, key=len, reverse=True):
-        if top != "middle_block" and (path == top or path.startswith(top + ".")):
+        if path == top or path.startswith(top + "."):
             return _UNET_TOP_FROM_LDM[top] + path[len(top) :]
     parts = path.split(".")
     head = parts[0]
@@ -385,18 +385,7 @@ def vae_state_dict_to_ldm(state_dict: Mapping[str, torch.Tensor], n_levels: int)
 # -------------------------------------------------------------------------------------- text encoders
 
 
-def text_encoder_module_path(path: str) -> str:
-    """A CLIP text-encoder module (or parameter) path in the ``text_model.``-wrapped form.
-
-    transformers >= 5.6 flattened ``CLIPTextModel`` (``encoder.layers.0.self_attn.q_proj``); older versions
-    and ``CLIPTextModelWithProjection`` wrap it (``text_model.encoder.layers.0.self_attn.q_proj``). Adapter
-    keys and LDM files always use the wrapped form. ``text_projection`` stays top level.
-    """
-    if path in ("", "text_model", "text_projection"):
-        return path or "text_model"
-    if path.startswith(("text_model.", "text_projection.")):
-        return path
-    return "text_model." + path
+text_encoder_module_path = text_encoder_path  # one source of truth: lycoft.naming
 
 
 def clip_state_dict_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

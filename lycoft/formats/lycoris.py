@@ -301,24 +301,17 @@ def _module_dim(module: nn.Module, side: str) -> int:
     return out if side == "output" else fan_in
 
 
-def load_adapter(
-    path: str,
-    unet: nn.Module | None = None,
-    text_encoders: Sequence[nn.Module] | nn.Module | None = None,
-    multiplier: float = 1.0,
-    family: str | None = None,
-    pipe: Any = None,
-    allow_partial: bool = False,
-) -> Network:
-    """Read an adapter file and attach it to the model; returns the applied `Network`."""
-    from ..network import Network, _resolve_models, candidate_index, detect_family
+def attach_specs(net: Network, specs: Mapping[str, ModuleSpec], unet: nn.Module | None,
+                 text_encoders: Sequence[nn.Module], path: str = "<tensors>", allow_partial: bool = False) -> None:
+    """Create one adapter per file module on the layer it names and copy the file's values into it.
+
+    Keys that match no layer are an error naming them, unless ``allow_partial`` (then a warning; still an
+    error when nothing matches). A layer of another width is always an error.
+    """
+    from ..network import candidate_index
     from ..targets import Target
 
-    unet, tes = _resolve_models(unet, text_encoders, pipe)
-    specs, metadata = read_adapter(path)
-    family = family or metadata.get("lycoft.family") or detect_family(unet, tes)
-    index = candidate_index(unet, tes, family)
-    net = Network(family)
+    index = candidate_index(unet, text_encoders, net.family)
     unmatched: list[str] = []
     for key, spec in specs.items():
         hit = index.get(key)
@@ -340,6 +333,24 @@ def load_adapter(
         if not allow_partial or len(unmatched) == len(specs):
             raise AdapterFileError(msg + "; check the model family (sd1/sd2/sdxl) or pass allow_partial=True")
         log.warning("lycoft: %s (ignored: allow_partial)", msg)
+
+
+def load_adapter(
+    path: str,
+    unet: nn.Module | None = None,
+    text_encoders: Sequence[nn.Module] | nn.Module | None = None,
+    multiplier: float = 1.0,
+    family: str | None = None,
+    pipe: Any = None,
+    allow_partial: bool = False,
+) -> Network:
+    """Read an adapter file and attach it to the model; returns the applied `Network`."""
+    from ..network import Network, _resolve_models, detect_family
+
+    unet, tes = _resolve_models(unet, text_encoders, pipe)
+    specs, metadata = read_adapter(path)
+    net = Network(family or metadata.get("lycoft.family") or detect_family(unet, tes))
+    attach_specs(net, specs, unet, tes, path, allow_partial)
     net.set_multiplier(multiplier)
     return net.apply()
 
@@ -362,3 +373,81 @@ def load_into_network(net: Network, path: str, strict: bool = True) -> list[str]
     if missing and strict:
         raise AdapterFileError(f"{path}: keys {missing[:10]} are not in the network")
     return missing
+
+
+# -- specs without a model (converters, merge and inspect tools) ------------------------------------------
+def layer_from_spec(spec: ModuleSpec, module: nn.Module, multiplier: float = 1.0) -> Any:
+    """An `OFTLayer` on `module` holding the file's values: the exact lycoft semantics for one module."""
+    from ..layers import OFTLayer
+
+    layer = OFTLayer(module, spec.config(), name=spec.key, register_base=False, layout=spec.layout())
+    _copy_into(layer, spec)
+    layer.multiplier = float(multiplier)
+    return layer
+
+
+def spec_tensors(spec: ModuleSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The file tensors of one module spec, as `layer_tensors` writes them for a layer.
+
+    Output side: the constraint is baked into the stored blocks and alpha set just above their norm (SPEC
+    section 4). Input side: PEFT's upper-triangle vector ``oft_R.weight`` (exact Cayley, ``S = Q``).
+    """
+    A = spec.blocks.detach().float()
+    if spec.side != "output":
+        if spec.algo != "oft" or spec.rescale is not None:
+            raise AdapterFileError(
+                f"{spec.key}: input-side boft or rescale has no file format any consumer reads; "
+                "export full weight differences (tools/convert.py --to diff)"
+            )
+        Q = skew(A)
+        b = Q.shape[-1]
+        rows, cols = torch.triu_indices(b, b, 1)
+        return {"oft_R.weight": Q[:, rows, cols].to(dtype or torch.float32).contiguous()}
+    if spec.constraint > 0:
+        A = A * constraint_scale(skew(A), spec.constraint * spec.layout_dim)
+    stored = A.to(dtype or torch.float32).contiguous()
+    norm = float(torch.linalg.vector_norm(skew(stored.float())))
+    out = {"oft_blocks": stored,
+           "alpha": torch.tensor(norm * (1.0 + ALPHA_MARGIN) + ALPHA_FLOOR, dtype=torch.float32)}
+    if spec.rescale is not None:
+        out["rescale"] = spec.rescale.detach().to(dtype or torch.float32).contiguous()
+    return out
+
+
+def specs_metadata(specs: Mapping[str, ModuleSpec], family: str | None,
+                   base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Metadata of a file written from specs: `base` (e.g. the source file's kohya ``ss_*`` keys) with the
+    ``lycoft.*`` keys that say how to read it (constraint baked, side, algo)."""
+    from .. import __version__
+
+    md = {k: v for k, v in (base or {}).items() if not k.startswith("lycoft.")}
+    algos = sorted({s.algo for s in specs.values()})
+    sides = sorted({s.side for s in specs.values()})
+    md.update({
+        "lycoft.version": __version__,
+        "lycoft.algo": algos[0] if len(algos) == 1 else ",".join(algos),
+        "lycoft.block_sizes": json.dumps(sorted({int(s.blocks.shape[-1]) for s in specs.values()})),
+        "lycoft.side": sides[0] if len(sides) == 1 else ",".join(sides),
+        "lycoft.constraint": json.dumps(sorted({s.constraint for s in specs.values()})),
+        "lycoft.cayley": "exact",
+    })
+    if family:
+        md["lycoft.family"] = family
+        md.setdefault("ss_base_model_version", BASE_MODEL_VERSION[family])
+        md.setdefault("modelspec.architecture", ARCHITECTURE[family] + "/lora")
+    md.setdefault("ss_network_module", "lycoft.kohya")
+    return md
+
+
+def save_specs(specs: Mapping[str, ModuleSpec], path: str, metadata: Mapping[str, str] | None = None,
+               dtype: torch.dtype | None = None) -> None:
+    """Atomic write of module specs in the lycoft/LyCORIS layout; `metadata` as from `specs_metadata`."""
+    from .safe_io import save_safetensors_atomic
+
+    if any(s.side != "output" for s in specs.values()) and any(s.side == "output" for s in specs.values()):
+        raise AdapterFileError(f"{path}: cannot mix input-side and output-side modules in one file")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, spec in specs.items():
+        for suffix, t in spec_tensors(spec, dtype).items():
+            tensors[f"{key}.{suffix}"] = t
+    save_safetensors_atomic(tensors, path, dict(metadata or {}))
