@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench bench-quick clean
+.PHONY: setup demo test test-kohya-pins lint bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,21 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The versions kohya sd-scripts pins (../shared/reference/kohya-contract.md): lycoft must install and work there.
+KOHYA_VENV := .venv-kohya
+KOHYA_PINS := "transformers==4.54.*" "diffusers==0.32.*" "accelerate==1.6.*"
+KOHYA_TESTS := tests/test_kohya.py tests/test_network.py tests/test_formats_lycoris.py \
+	tests/test_checkpoints_tiny.py tests/test_checkpoints_loading.py
+
+$(KOHYA_VENV)/.installed: pyproject.toml Makefile
+	test -x $(KOHYA_VENV)/bin/python || $(PYTHON) -m venv $(KOHYA_VENV)
+	$(KOHYA_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(KOHYA_VENV)/bin/python -m pip install --quiet $(KOHYA_PINS) pytest pytest-timeout lycoris-lora -e .
+	touch $@
+
+test-kohya-pins: $(KOHYA_VENV)/.installed
+	$(KOHYA_VENV)/bin/python -m pytest -p no:cacheprovider $(KOHYA_TESTS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -34,4 +49,4 @@ bench: $(STAMP)
 	$(PY) bench/layers.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(KOHYA_VENV) demo_out .pytest_cache
