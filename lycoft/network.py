@@ -69,7 +69,14 @@ class Network(nn.Module):
         return layer
 
     def apply(self) -> Network:
-        """Route each base layer's forward through its adapter (idempotent)."""
+        """Route each base layer's forward through its adapter (idempotent; all or nothing)."""
+        for key, layer in self.adapters.items():
+            previous = layer.base.__dict__.get("forward")
+            if key not in self._patched and isinstance(getattr(previous, "__self__", None), OFTLayer):
+                raise ValueError(
+                    f"{key}: this layer already carries an adapter from another network; stacking would "
+                    "silently replace it. Merge the first one into the weights (net.merge()) or remove it first"
+                )
         for key, layer in self.adapters.items():
             if key in self._patched:
                 continue

@@ -217,3 +217,13 @@ def test_state_dict_of_the_model_is_unchanged_by_injection(tiny_pipes):
     keys = list(pipe.unet.state_dict())
     lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4))
     assert list(pipe.unet.state_dict()) == keys
+
+
+def test_a_second_network_on_the_same_layers_is_refused_until_the_first_is_merged(tiny_pipes):
+    pipe = tiny_pipes("sd1")
+    first = lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4), preset="attn-only")
+    with pytest.raises(ValueError, match="already carries an adapter from another network"):
+        lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4), preset="attn-only")
+    first.merge()
+    second = lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4), preset="attn-only")
+    assert second.applied
