@@ -1,3 +1,8 @@
-"""Training: config and flags (`config`), datasets (`dataset`, `dataset_config`, `captions`, `buckets`,
-`sampler`), encoder caches (`caching`), and the loop. Import the submodules directly; this package
-imports nothing heavy by itself so that flag parsing stays fast."""
+"""Training OFT/BOFT adapters (`loop.train`, the engine of ``train_network.py``).
+
+Rooms: flags and config files (`config`); data (`dataset_config`, `dataset`, `captions`, `buckets`,
+`sampler`, `caching`, `toy_data`); the base model (`models`) and its text conditioning (`conditioning`);
+one step's math (`noise`, `losses`); `optimizers`, `schedulers`; outputs (`saving`, `metadata`,
+`sampling`, `tracking`); prior-preservation class images (`prior`); the recipe itself (`loop`).
+Import the submodules directly; this package imports nothing heavy by itself so that flag parsing
+stays fast."""

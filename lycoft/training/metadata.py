@@ -1,0 +1,90 @@
+"""kohya ``ss_*`` training metadata for adapter files (A1111, Civitai and kohya's tools read these).
+
+`training_metadata` returns the keys that describe the run; `lycoft.formats.lycoris.save_network` adds
+the network keys (``ss_network_module``, ``ss_base_model_version``, ``modelspec.*``, ``lycoft.*``) and
+lets these win, which is how ``ss_network_args`` carries the full training options.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from lycoft.training.config import TrainConfig
+
+
+def _model_name(source: str | None) -> str:
+    if not source:
+        return ""
+    if source.startswith("builtin:"):
+        return source
+    return Path(source).name if Path(source).exists() else source
+
+
+def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_processes: int,
+                      batches_per_epoch: int, num_epochs: int, total_steps: int, started_at: float,
+                      session_id: int) -> dict[str, str]:
+    """The run's fixed facts; `step_metadata` adds the counters at each save."""
+    options = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.network_options().items()}
+    options.setdefault("algo", "oft")
+    options.setdefault("preset", "full")
+    options["algo"] = "diag-oft" if options["algo"] in ("oft", "diag-oft", "diag_oft") else options["algo"]
+    resolution = cfg.resolved_resolution(family)
+    batch_size = max(ds.batch_size for ds in dataset.datasets)  # a dataset TOML may set its own
+    md: dict[str, Any] = {
+        "ss_session_id": session_id,
+        "ss_training_started_at": started_at,
+        "ss_sd_model_name": _model_name(cfg.pretrained_model_name_or_path),
+        "ss_vae_name": _model_name(cfg.vae),
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_unet_lr": cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate,
+        "ss_text_encoder_lr": cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate,
+        "ss_num_train_images": dataset.num_train_slots,
+        "ss_num_reg_images": dataset.num_reg_slots,
+        "ss_num_batches_per_epoch": batches_per_epoch,
+        "ss_num_epochs": num_epochs,
+        "ss_max_train_steps": total_steps,
+        "ss_batch_size_per_device": batch_size,
+        "ss_total_batch_size": batch_size * num_processes * cfg.gradient_accumulation_steps,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_lr_warmup_steps": cfg.warmup_steps(total_steps),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_optimizer": cfg.optimizer_type + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_full_fp16": cfg.full_fp16,
+        "ss_full_bf16": cfg.full_bf16,
+        "ss_v2": family == "sd2",
+        "ss_clip_skip": cfg.clip_skip if cfg.clip_skip is not None else "None",
+        "ss_max_token_length": cfg.max_token_length if cfg.max_token_length is not None else "None",
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})",
+        "ss_enable_bucket": cfg.enable_bucket,
+        "ss_min_bucket_reso": cfg.min_bucket_reso,
+        "ss_max_bucket_reso": cfg.max_bucket_reso,
+        "ss_bucket_no_upscale": cfg.bucket_no_upscale,
+        "ss_bucket_info": json.dumps({"buckets": {f"{w}x{h}": n for (w, h), n in dataset.bucket_counts().items()}}),
+        "ss_cache_latents": cfg.cache_latents or cfg.cache_latents_to_disk,
+        "ss_seed": cfg.seed,
+        "ss_noise_offset": cfg.noise_offset,
+        "ss_min_snr_gamma": cfg.min_snr_gamma if cfg.min_snr_gamma is not None else "None",
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+        "ss_shuffle_caption": cfg.shuffle_caption,
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_flip_aug": cfg.flip_aug,
+        "ss_random_crop": cfg.random_crop,
+        "ss_network_dropout": options.get("dropout", "None"),
+        "ss_network_args": json.dumps(options),
+        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
+        "ss_num_skipped_images": dataset.num_skipped,
+    }
+    return {k: str(v) for k, v in md.items()}
+
+
+def step_metadata(base: dict[str, str], *, step: int, epoch: int) -> dict[str, str]:
+    """`base` plus the counters of a save at `step` (after `epoch` completed epochs)."""
+    return {**base, "ss_steps": str(step), "ss_epoch": str(epoch), "ss_training_finished_at": str(time.time())}

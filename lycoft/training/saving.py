@@ -1,0 +1,200 @@
+"""Adapter files and training states on disk: names, atomic writes, keep-last-N pruning, resume.
+
+Names follow kohya: ``<name>.safetensors`` (final), ``<name>-step00000100.safetensors`` (every N steps),
+``<name>-000002.safetensors`` (after epoch 2); a training state sits next to its adapter as
+``<same stem>-state/``: accelerate's checkpoint (adapter weights, optimizer, LR schedule, RNG) plus
+``train_state.json`` with the step and epoch counters.
+
+Only the main process writes adapter files. A state save is collective (every rank writes its RNG
+state), so every rank must call `Saver.save_state` at the same point. Adapter files are replaced
+atomically; a state folder is written under a temporary name and renamed when complete, so a crash
+never leaves a half-written file or folder under a real name. Pruning runs only after the new file
+is in place and never touches the one just written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lycoft.training.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.json"
+SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainState:
+    """Counters that, with accelerate's checkpoint, let a run continue exactly.
+
+    ``global_step``: optimizer steps done. ``epoch``: epochs completed. ``step_in_epoch``: optimizer
+    steps done inside the epoch in progress. ``nonfinite_skipped``: steps skipped by
+    ``--skip_nonfinite``. ``num_processes``/``seed``: the run's setup, checked on resume.
+    """
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    nonfinite_skipped: int = 0
+    seed: int = 0
+    num_processes: int = 1
+
+    def write(self, folder: Path) -> None:
+        (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> TrainState:
+        path = Path(folder) / STATE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"--resume {folder}: no {STATE_FILE} in it; give a state folder written by "
+                              "--save_state (named '<output_name>...-state')") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--resume {folder}: {STATE_FILE} is damaged ({e})") from None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: int(v) for k, v in data.items() if k in known})
+
+
+def adapter_stem(output_name: str, *, step: int | None = None, epoch: int | None = None) -> str:
+    """kohya's file stems: final, per-step and per-epoch saves."""
+    if step is not None:
+        return f"{output_name}-step{step:08d}"
+    if epoch is not None:
+        return f"{output_name}-{epoch:06d}"
+    return output_name
+
+
+def state_name(stem: str) -> str:
+    return f"{stem}-state"
+
+
+class Saver:
+    """Writes the adapter and (with ``--save_state``) the training state of one run.
+
+    Args:
+        accelerator: the run's `accelerate.Accelerator`.
+        output_dir, output_name: where and under which stem files go.
+        metadata: ``(step, epoch) -> dict`` of extra safetensors metadata for an adapter save.
+        save_precision: ``None``/``"float"``, ``"fp16"`` or ``"bf16"``.
+        v_prediction: recorded in the file's metadata (``ss_base_model_version`` ``..._v``).
+        keep_last_steps: delete step saves more than this many steps older than the newest.
+        keep_last_epochs: keep only this many epoch saves.
+    """
+
+    def __init__(self, accelerator: Any, output_dir: str | Path, output_name: str, *,
+                 metadata: Callable[[int, int], Mapping[str, Any]], save_precision: str | None = None,
+                 v_prediction: bool = False, keep_last_steps: int | None = None,
+                 keep_last_epochs: int | None = None) -> None:
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.output_name = output_name
+        self.metadata = metadata
+        self.dtype = SAVE_DTYPES[save_precision]
+        self.v_prediction = v_prediction
+        self.keep_last_steps = keep_last_steps
+        self.keep_last_epochs = keep_last_epochs
+        self.written: list[Path] = []
+
+    # -- adapter files ---------------------------------------------------------------------------
+    def save_adapter(self, network: Any, stem: str, *, step: int, epoch: int) -> Path | None:
+        """Write ``<stem>.safetensors`` (main process; other ranks return None at once)."""
+        if not self.accelerator.is_main_process:
+            return None
+        from lycoft.formats.lycoris import save_network
+
+        path = self.output_dir / f"{stem}.safetensors"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_network(network, str(path), metadata=dict(self.metadata(step, epoch)), dtype=self.dtype,
+                     output_name=stem, v_prediction=self.v_prediction)
+        self.written.append(path)
+        logger.info("saved adapter %s (step %d)", path, step)
+        return path
+
+    # -- training states ------------------------------------------------------------------------
+    def save_state(self, stem: str, state: TrainState) -> Path:
+        """Write ``<stem>-state/`` (collective: every rank must call this at the same point)."""
+        acc = self.accelerator
+        final = self.output_dir / state_name(stem)
+        partial = self.output_dir / f".{final.name}.partial"
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(partial))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state.write(partial)
+            _replace_dir(partial, final)
+            logger.info("saved training state %s (step %d)", final, state.global_step)
+        acc.wait_for_everyone()
+        return final
+
+    # -- pruning --------------------------------------------------------------------------------
+    def prune_steps(self, current_step: int) -> list[Path]:
+        """Delete step saves (files and states) older than ``current_step - keep_last_steps``."""
+        if not self.keep_last_steps or not self.accelerator.is_main_process:
+            return []
+        pattern = re.compile(re.escape(self.output_name) + r"-step(\d{8})(\.safetensors|-state)$")
+        return self._prune(pattern, lambda n: n < current_step - self.keep_last_steps and n != current_step)
+
+    def prune_epochs(self, current_epoch: int) -> list[Path]:
+        """Keep only the newest ``keep_last_epochs`` epoch saves (files and states)."""
+        if not self.keep_last_epochs or not self.accelerator.is_main_process:
+            return []
+        pattern = re.compile(re.escape(self.output_name) + r"-(\d{6})(\.safetensors|-state)$")
+        return self._prune(pattern, lambda n: n <= current_epoch - self.keep_last_epochs and n != current_epoch)
+
+    def _prune(self, pattern: re.Pattern, old: Callable[[int], bool]) -> list[Path]:
+        removed = []
+        if not self.output_dir.is_dir():
+            return removed
+        for entry in sorted(self.output_dir.iterdir()):
+            m = pattern.match(entry.name)
+            if not m or not old(int(m.group(1))):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+            logger.info("removed old save %s", entry)
+        return removed
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder `src` onto `dst`; an existing `dst` is removed only after the move."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(accelerator: Any, folder: str | Path, *, num_processes: int) -> TrainState:
+    """Restore accelerate's checkpoint from `folder` and return its counters (collective)."""
+    state = TrainState.read(folder)
+    if state.num_processes != num_processes:
+        logger.warning("--resume %s was saved by %d processes, this run has %d: the data order of the "
+                       "remaining steps differs from an uninterrupted run", folder, state.num_processes,
+                       num_processes)
+    try:
+        accelerator.load_state(str(folder))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"--resume {folder} does not fit this run's adapter or optimizer ({e}); resume "
+                          "with the same --network_args, --optimizer_type and model") from None
+    return state

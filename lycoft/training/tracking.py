@@ -1,0 +1,70 @@
+"""What training reports: TensorBoard/wandb scalars (through accelerate's trackers) and the numbers
+behind them.
+
+Logged per optimizer step: ``loss`` (mean over processes and accumulated batches), ``loss/avg`` (mean
+over the epoch so far), ``lr/<group>`` for each parameter group (``unet``, ``te1``, ``te2``) and the
+rotation size ``||Q||_F`` per component (``rotation/<component>/mean`` and ``.../max``). Per-module
+sizes (``rotation_module/<key>``) are logged at every epoch end and save, where they show which layers
+the adapter actually moves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from lycoft.training.config import TrainConfig
+from lycoft.training.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def trackers(cfg: TrainConfig) -> list[str]:
+    """accelerate tracker names for `cfg` (checked to be importable: fails before any model loads)."""
+    if cfg.log_with is None and cfg.logging_dir is None:
+        return []
+    wanted = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
+              None: ["tensorboard"]}[cfg.log_with]
+    for name in wanted:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--log_with {cfg.log_with or 'tensorboard'} needs the {name} package; "
+                              f"pip install {name}, or drop --log_with/--logging_dir")
+    return wanted
+
+
+@torch.no_grad()
+def rotation_sizes(network: Any) -> dict[str, float]:
+    """``||Q||_F`` (constraint applied) of every adapter, by file key."""
+    return {key: float(torch.linalg.vector_norm(layer.skew_blocks())) for key, layer in network.items()}
+
+
+def rotation_summary(network: Any, sizes: dict[str, float] | None = None) -> dict[str, float]:
+    """Mean and max rotation size per component."""
+    sizes = rotation_sizes(network) if sizes is None else sizes
+    by_comp: dict[str, list[float]] = defaultdict(list)
+    for key, value in sizes.items():
+        by_comp[network.components[key]].append(value)
+    out = {}
+    for comp, values in sorted(by_comp.items()):
+        out[f"rotation/{comp}/mean"] = sum(values) / len(values)
+        out[f"rotation/{comp}/max"] = max(values)
+    return out
+
+
+def step_logs(loss: float, loss_avg: float, optimizer: Any, network: Any) -> dict[str, float]:
+    logs = {"loss": loss, "loss/avg": loss_avg}
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group["lr"]
+        if "d" in group:  # Prodigy/D-Adaptation: the effective step size is d * lr
+            lr = group["d"] * lr
+        logs[f"lr/{group.get('name', i)}"] = float(lr)
+    logs.update(rotation_summary(network))
+    return logs
+
+
+def module_logs(network: Any) -> dict[str, float]:
+    return {f"rotation_module/{key}": value for key, value in rotation_sizes(network).items()}
