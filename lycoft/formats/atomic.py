@@ -12,11 +12,62 @@ import contextlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 # Room for the `.` prefix and `.<random>.tmp` suffix inside the usual 255-byte file-name limit.
 _MAX_NAME_STEM = 200
+
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; stale temporaries are left for the user
+    fcntl = None  # type: ignore[assignment]
+
+# A temporary younger than this is never treated as stale (closes the gap between its creation and lock).
+_STALE_AFTER_S = 60.0
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on `fd` without waiting; False if another process holds one."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries of `path` that a killed writer left (``.<name>.<hex>.tmp``, unlocked, over a
+    minute old). SIGKILL or a power cut cannot run cleanup code, and a merge's temporary is as large as the
+    checkpoint. A temporary still being written is locked by its writer and is left alone."""
+    target = Path(path)
+    prefix = f".{target.name[:_MAX_NAME_STEM]}."
+    removed: list[Path] = []
+    if fcntl is None or not target.parent.is_dir():
+        return removed
+    now = time.time()
+    for entry in target.parent.iterdir():
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp") and len(name) == len(prefix) + 16):
+            continue
+        try:
+            if not entry.is_file() or entry.is_symlink() or now - entry.stat().st_mtime < _STALE_AFTER_S:
+                continue
+            fd = os.open(entry, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _lock(fd):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry)
+                removed.append(entry)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _create_temp(target: Path) -> Path:
@@ -87,11 +138,25 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[Path], object
         raise IsADirectoryError(
             f"cannot write {path}: it is a directory; give a file name, e.g. {target / 'adapter.safetensors'}"
         )
+    with contextlib.suppress(OSError):
+        remove_stale_temps(target)
     tmp = _create_temp(target)
+    fresh_mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 less the umask, as `_create_temp` made it
+    # Held until the rename: tells `remove_stale_temps` in other processes that this writer is alive.
+    # (POSIX only: Windows cannot rename a file that is open.)
+    lock_fd = os.open(tmp, os.O_RDONLY) if fcntl is not None else None
+    if lock_fd is not None:
+        _lock(lock_fd)
     try:
         write_fn(tmp)
+        # Keep an existing target's permissions; a new one gets the umask's, even when write_fn replaced
+        # the temporary by a file of its own (safetensors' save_file creates it 0o600).
+        try:
+            mode = stat.S_IMODE(target.stat().st_mode)
+        except FileNotFoundError:
+            mode = fresh_mode
         with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+            os.chmod(tmp, mode)
         _fsync_file(tmp)
         os.replace(tmp, target)
     except BaseException:
@@ -99,6 +164,9 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[Path], object
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
     _fsync_dir(directory)
     return target
 

@@ -44,10 +44,13 @@ def layer_tensors(layer: Any, dtype: torch.dtype | None = None) -> dict[str, tor
     if layer.constraint > 0:
         A = A * constraint_scale(skew(A), layer.constraint * layer.layout.dim)
     stored = A.to(dtype or layer.oft_blocks.dtype).contiguous()
-    norm = float(torch.linalg.vector_norm(skew(stored.float())))
+    # float64: blocks near float32's limit (a diverging run) must not give an inf alpha, which
+    # readers refuse as non-finite; capped at float32's max, which no consumer's clamp ever reaches.
+    norm = float(torch.linalg.vector_norm(skew(stored.double())))
+    alpha = min(norm * (1.0 + ALPHA_MARGIN) + ALPHA_FLOOR, torch.finfo(torch.float32).max)
     out = {
         "oft_blocks": stored,
-        "alpha": torch.tensor(norm * (1.0 + ALPHA_MARGIN) + ALPHA_FLOOR, dtype=torch.float32),
+        "alpha": torch.tensor(alpha, dtype=torch.float32),
     }
     if layer.rescale is not None:
         out["rescale"] = layer.rescale.detach().to(dtype or layer.rescale.dtype).contiguous()
@@ -406,9 +409,9 @@ def spec_tensors(spec: ModuleSpec, dtype: torch.dtype | None = None) -> dict[str
     if spec.constraint > 0:
         A = A * constraint_scale(skew(A), spec.constraint * spec.layout_dim)
     stored = A.to(dtype or torch.float32).contiguous()
-    norm = float(torch.linalg.vector_norm(skew(stored.float())))
-    out = {"oft_blocks": stored,
-           "alpha": torch.tensor(norm * (1.0 + ALPHA_MARGIN) + ALPHA_FLOOR, dtype=torch.float32)}
+    norm = float(torch.linalg.vector_norm(skew(stored.double())))
+    alpha = min(norm * (1.0 + ALPHA_MARGIN) + ALPHA_FLOOR, torch.finfo(torch.float32).max)
+    out = {"oft_blocks": stored, "alpha": torch.tensor(alpha, dtype=torch.float32)}
     if spec.rescale is not None:
         out["rescale"] = spec.rescale.detach().to(dtype or torch.float32).contiguous()
     return out

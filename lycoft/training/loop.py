@@ -208,6 +208,12 @@ def _loss_over_processes(accelerator: Any, loss: torch.Tensor) -> tuple[bool, fl
     return finite, float(every.mean()) if finite else float("nan")
 
 
+def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
+    """Whether every gradient is finite (one flag per tensor, then a single sync)."""
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def _max_rank_difference(accelerator: Any, network: nn.Module) -> float:
     """Largest difference between any process's adapter parameters and the main process's (collective)."""
     flat = torch.cat([p.detach().float().reshape(-1) for p in network.parameters()])
@@ -383,9 +389,16 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
                   metadata=lambda step, epoch: step_metadata(base_md, step=step, epoch=epoch),
                   save_precision=cfg.save_precision, v_prediction=models.v_prediction,
                   keep_last_steps=cfg.save_last_n_steps, keep_last_epochs=cfg.save_last_n_epochs)
+    if cfg.resume:
+        saver.last_state = Path(cfg.resume)
     if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config_toml(cfg, output_dir / f"{cfg.output_name}-config.toml")
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config_toml(cfg, output_dir / f"{cfg.output_name}-config.toml")
+            saver.remove_stale()
+        except OSError as e:  # a read-only or full --output_dir: say so before any training
+            raise ConfigError(f"cannot write to --output_dir {output_dir} ({e.strerror or e}); "
+                              "choose a writable folder with free space") from None
         logger.info("training %d steps (%d epoch(s) of %d steps; %d process(es) x batch %s x accumulation %d)",
                     total_steps, num_epochs, steps_per_epoch, world,
                     "/".join(str(ds.batch_size) for ds in dataset.datasets), accum)
@@ -492,6 +505,24 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
             if not last:
                 continue
             # one optimizer step -------------------------------------------------------------------
+            # A finite loss can still give NaN/inf gradients; one such step would poison every
+            # parameter. (With fp16 mixed precision the grad scaler already skips those steps.)
+            if not bad_step and accelerator.scaler is None and not _grads_finite(params):
+                if cfg.skip_nonfinite:
+                    bad_step = True
+                    state.nonfinite_skipped += 1
+                    logger.warning("non-finite gradient at step %d (epoch %d); step skipped (%d so far)",
+                                   state.global_step + 1, state.epoch + 1, state.nonfinite_skipped)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    stem = adapter_stem(cfg.output_name, step=state.global_step)
+                    save(stem, with_state=True)
+                    where = output_dir / f"{stem}-state"
+                    raise NonFiniteLossError(
+                        f"the gradient is NaN or inf (the loss {step_loss:.4g} is finite) at step "
+                        f"{state.global_step + 1} (epoch {state.epoch + 1}); training stopped. The state "
+                        f"before this step is in {where} (resume with --resume {where}). Lower "
+                        "--learning_rate, set --max_grad_norm, or pass --skip_nonfinite to skip such steps")
             if not bad_step:
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -557,18 +588,20 @@ def _setup_logging(main_process: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``train_network.py``: exit code 0 on success, 2 for a configuration error, 3 for a non-finite loss."""
+    """``train_network.py``: exit code 0 on success, 2 for a configuration error, 3 for a non-finite loss,
+    4 for a save that failed (disk full, read-only output)."""
     import os
 
     from lycoft.training.config import parse_args
+    from lycoft.training.saving import SaveError
 
     main_process = os.environ.get("RANK", "0") == "0"
     _setup_logging(main_process)
     try:
         cfg = parse_args(argv)
         train(cfg)
-    except (ConfigError, NonFiniteLossError) as e:
+    except (ConfigError, NonFiniteLossError, SaveError) as e:
         if main_process:  # every rank hits the same error; one copy is enough
             print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 3
+        return 2 if isinstance(e, ConfigError) else 3 if isinstance(e, NonFiniteLossError) else 4
     return 0

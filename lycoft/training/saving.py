@@ -14,6 +14,7 @@ is in place and never touches the one just written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -80,6 +81,19 @@ def state_name(stem: str) -> str:
     return f"{stem}-state"
 
 
+class SaveError(RuntimeError):
+    """Writing an adapter file or a training state failed (disk full, read-only, permissions); the message
+    names the file, the cause, the step and the newest complete save to resume from."""
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - very old safetensors
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
 class Saver:
     """Writes the adapter and (with ``--save_state``) the training state of one run.
 
@@ -106,6 +120,22 @@ class Saver:
         self.keep_last_steps = keep_last_steps
         self.keep_last_epochs = keep_last_epochs
         self.written: list[Path] = []
+        self.last_state: Path | None = None
+
+    def _failed(self, path: Path, step: int, error: BaseException) -> SaveError:
+        cause = getattr(error, "strerror", None) or str(error)
+        if not isinstance(error, OSError):  # torch.save reports a full disk as a bare RuntimeError
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(self.output_dir).free
+                cause = f"{free} bytes free there, the disk is probably full; {cause}"
+        newest = self.last_state or (self.written[-1] if self.written else None)
+        where = (f"the newest complete save is {newest}" + (f"; resume with --resume {newest}"
+                                                            if newest is self.last_state else ""))
+        if newest is None:
+            where = "nothing was saved before it"
+        return SaveError(f"cannot write {path} ({cause}) at step {step}; training stopped and the files "
+                         f"written before are intact: {where}. Free space in {self.output_dir} or choose "
+                         "another --output_dir")
 
     # -- adapter files ---------------------------------------------------------------------------
     def save_adapter(self, network: Any, stem: str, *, step: int, epoch: int) -> Path | None:
@@ -115,9 +145,12 @@ class Saver:
         from lycoft.formats.lycoris import save_network
 
         path = self.output_dir / f"{stem}.safetensors"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_network(network, str(path), metadata=dict(self.metadata(step, epoch)), dtype=self.dtype,
-                     output_name=stem, v_prediction=self.v_prediction)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_network(network, str(path), metadata=dict(self.metadata(step, epoch)), dtype=self.dtype,
+                         output_name=stem, v_prediction=self.v_prediction)
+        except _write_errors() as e:
+            raise self._failed(path, step, e) from e
         self.written.append(path)
         logger.info("saved adapter %s (step %d)", path, step)
         return path
@@ -132,14 +165,43 @@ class Saver:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(partial))
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(partial))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state.write(partial)
+                _replace_dir(partial, final)
+        except (*_write_errors(), RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
+            if acc.is_main_process:  # give the space back; the previous states are untouched
+                shutil.rmtree(partial, ignore_errors=True)
+            raise self._failed(final, state.global_step, e) from e
         if acc.is_main_process:
-            state.write(partial)
-            _replace_dir(partial, final)
             logger.info("saved training state %s (step %d)", final, state.global_step)
+        self.last_state = final
         acc.wait_for_everyone()
         return final
+
+    # -- leftovers of a killed run ---------------------------------------------------------------
+    def remove_stale(self) -> list[Path]:
+        """Delete the hidden temporaries a killed run of this ``output_name`` left (``.<file>.<hex>.tmp``,
+        ``.<stem>-state.partial``, ``.<stem>-state.old``): SIGKILL or a power cut leaves them, and a state
+        folder weighs as much as the optimizer. Call at the start of a run (main process), before any save;
+        two runs writing the same output name into one folder at once are not supported anyway."""
+        if not self.accelerator.is_main_process or not self.output_dir.is_dir():
+            return []
+        pattern = re.compile(r"\." + re.escape(self.output_name) + r"(-step\d{8}|-\d{6})?"
+                             r"(\.safetensors\.[0-9a-f]{12}\.tmp|-state\.partial|-state\.old)$")
+        removed = []
+        for entry in sorted(self.output_dir.iterdir()):
+            if not pattern.match(entry.name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+            logger.info("removed %s, left by an interrupted run", entry)
+        return removed
 
     # -- pruning --------------------------------------------------------------------------------
     def prune_steps(self, current_step: int) -> list[Path]:
