@@ -24,9 +24,10 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,6 +63,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "lycoft-boft": ("boft", "lycoft BOFT block 8, m=2, path auto"),
     "lycoft-boft-w": ("boft", "lycoft BOFT block 8, m=2, weight path forced"),
     "lycoft-boft-a": ("boft", "lycoft BOFT block 8, m=2, activation path forced"),
+    # only with --baseline DIR: the same two adapters from another lycoft source tree (before/after)
+    "baseline-oft": ("oft", "lycoft OFT block 32, path auto, from the --baseline tree"),
+    "baseline-boft": ("boft", "lycoft BOFT block 8, m=2, path auto, from the --baseline tree"),
 }
 PEERS = {"oft": ["peft-oft", "peft-oft-cn", "lyco-diag-oft", "lyco-diag-oft-bp"],
          "boft": ["peft-boft", "lyco-boft", "lyco-boft-bp"]}
@@ -216,10 +220,21 @@ def build_lyco(method: str, base: nn.Module) -> Case:
     return Case(fn=base, params=params, config=cfg, rotation=rotation, merge=merge, q_scale=math.sqrt(2))
 
 
-def build_lycoft(method: str, base: nn.Module) -> Case:
+def _import_baseline(tree: str) -> None:
+    """Swap the imported lycoft for the one in `tree` (only ever in a forked case process)."""
+    for name in [n for n in sys.modules if n == "lycoft" or n.startswith("lycoft.")]:
+        del sys.modules[name]
+    sys.path.insert(0, tree)
+
+
+def build_lycoft(method: str, base: nn.Module, baseline: str | None = None) -> Case:
+    if method.startswith("baseline-"):
+        if not baseline:
+            raise ValueError("baseline-* methods need --baseline DIR (a lycoft source tree)")
+        _import_baseline(baseline)
     from lycoft import AdapterConfig, wrap
 
-    if method.startswith("lycoft-oft"):
+    if method.startswith(("lycoft-oft", "baseline-oft")):
         cfg = AdapterConfig(block_size=32)
     else:
         cfg = AdapterConfig(algo="boft", block_size=8, butterfly_factors=2)
@@ -241,14 +256,14 @@ def build_lycoft(method: str, base: nn.Module) -> Case:
                 rotation=rotation, merge=merge, q_scale=math.sqrt(2), path=lambda: layer.last_path)
 
 
-def build(method: str, base: nn.Module) -> Case:
+def build(method: str, base: nn.Module, baseline: str | None = None) -> Case:
     if method == "frozen":
         return Case(fn=base, params=[], config="frozen base, input grad only")
     if method.startswith(("lora", "peft")):
         return build_peft(method, base)
     if method.startswith("lyco-"):
         return build_lyco(method, base)
-    return build_lycoft(method, base)
+    return build_lycoft(method, base, baseline)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,11 +294,33 @@ def saved_bytes(case: Case, base: nn.Module, x: torch.Tensor, g: torch.Tensor) -
     return sum(seen.values())
 
 
+def _busy_jiffies() -> int:
+    """CPU time (jiffies) all processes of the machine have used, from /proc/stat; 0 where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0
+    return sum(v) - v[3] - (v[4] if len(v) > 4 else 0)  # all but idle and iowait
+
+
+def other_load(work: Callable[[], Any]) -> tuple[Any, float | None]:
+    """Run `work()`; also return the share of the machine's CPUs that OTHER processes used meanwhile."""
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    b0, c0, w0 = _busy_jiffies(), time.process_time(), time.perf_counter()
+    out = work()
+    b1, c1, w1 = _busy_jiffies(), time.process_time(), time.perf_counter()
+    if not b0:
+        return out, None
+    others = (b1 - b0) / hz - (c1 - c0)
+    return out, max(0.0, others / ((w1 - w0) * (os.cpu_count() or 1)))
+
+
 def measure(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(opts["threads"])
     warnings.filterwarnings("ignore")
     base, x = make_base(shape)
-    case = build(method, base)
+    case = build(method, base, opts.get("baseline"))
     x.requires_grad_(True)
     with torch.no_grad():
         y0 = case.fn(x)
@@ -311,7 +348,7 @@ def measure(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
             step()
         t = statistics.median([step() for _ in range(2)])
         n = max(opts["min_steps"], min(opts["steps"], int(opts["budget"] / max(t, 1e-6))))
-        times = [step() for _ in range(n)]
+        times, res["other_load"] = other_load(lambda: [step() for _ in range(n)])
     res["ms"] = 1e3 * statistics.median(times)
     res["ms_min"] = 1e3 * min(times)
     res["steps"] = len(times)
@@ -337,34 +374,45 @@ def measure(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _child(conn: Any, method: str, shape: str, opts: dict[str, Any]) -> None:
+def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple) -> None:
     try:
-        conn.send(measure(method, shape, opts))
+        conn.send(fn(*args))
     except Exception:
-        conn.send({"method": method, "shape": shape, "error": traceback.format_exc(limit=4)})
+        conn.send({"error": traceback.format_exc(limit=4)})
     conn.close()
 
 
-def run_case(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
+def run_forked(fn: Callable[..., dict[str, Any]], args: tuple, timeout: float) -> dict[str, Any]:
+    """`fn(*args)` in a freshly forked process; `{"error": ...}` on an exception, a timeout or a crash.
+
+    Fork, not spawn: the parent has imported torch and the peers but run no tensor work, so the child
+    starts clean without paying the imports again.
+    """
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(child, method, shape, opts))
+    p = ctx.Process(target=_child, args=(child, fn, args))
     t0 = time.perf_counter()
     p.start()
     child.close()
     res: dict[str, Any] | None = None
-    if parent.poll(opts["timeout"]):
+    if parent.poll(timeout):
         try:
             res = parent.recv()
         except EOFError:
             res = None
     if p.is_alive():
-        p.terminate() if res is not None else p.kill()
+        p.kill()
     p.join(5)
     if res is None:
         waited = time.perf_counter() - t0
-        what = f"timeout > {opts['timeout']:.0f} s" if waited >= opts["timeout"] else "worker died"
-        res = {"method": method, "shape": shape, "error": what}
+        res = {"error": f"timeout > {timeout:.0f} s" if waited >= timeout else "worker died"}
+    return res
+
+
+def run_case(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
+    res = run_forked(measure, (method, shape, opts), opts["timeout"])
+    res.setdefault("method", method)
+    res.setdefault("shape", shape)
     return res
 
 
@@ -380,9 +428,9 @@ def _ok(r: dict[str, Any] | None) -> bool:
     return r is not None and "ms" in r
 
 
-def summarise(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], methods: list[str]
-              ) -> dict[str, Any]:
-    """Targets of issue #5 from the results of one run."""
+def summarise(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], methods: list[str],
+              key: str = "ms") -> dict[str, Any]:
+    """Targets of issue #5 from the results of one run; `key` "ms" (median step) or "ms_min" (best step)."""
     out: dict[str, Any] = {}
     for fam, auto, goal_geo, peer_factor in (("oft", "lycoft-oft", 1.25, 1.0), ("boft", "lycoft-boft", 1.4, 0.5)):
         if auto not in methods:
@@ -392,17 +440,17 @@ def summarise(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str],
             r, f = results.get((auto, s)), results.get(("frozen", s))
             peers = [results.get((p, s)) for p in PEERS[fam]]
             peers = [p for p in peers if _ok(p)]
-            best = min(peers, key=lambda p: p["ms"]) if peers else None
+            best = min(peers, key=lambda p: p[key]) if peers else None
             if not (_ok(r) and _ok(f)):
                 continue
-            ratios.append(r["ms"] / f["ms"])
+            ratios.append(r[key] / f[key])
             per_shape[s] = {
-                "ms": r["ms"], "frozen": f["ms"], "best_peer": best["method"] if best else None,
-                "best_peer_ms": best["ms"] if best else None,
-                "vs_peer": r["ms"] / best["ms"] if best else None,
-                "pass": bool(best) and r["ms"] <= peer_factor * best["ms"],
+                "ms": r[key], "frozen": f[key], "best_peer": best["method"] if best else None,
+                "best_peer_ms": best[key] if best else None,
+                "vs_peer": r[key] / best[key] if best else None,
+                "pass": bool(best) and r[key] <= peer_factor * best[key],
                 # a frozen layer slower than the peer goal makes the goal unreachable by any adapter
-                "reachable": bool(best) and f["ms"] <= peer_factor * best["ms"],
+                "reachable": bool(best) and f[key] <= peer_factor * best[key],
             }
         geo = math.exp(statistics.fmean(math.log(v) for v in ratios)) if ratios else None
         orth = [results[(auto, s)]["orth"]["0.1"] for s in shapes if _ok(results.get((auto, s)))
@@ -423,6 +471,21 @@ def summarise(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str],
     return out
 
 
+def _step_cell(results: dict[tuple[str, str], dict[str, Any]], m: str, s: str, r: dict[str, Any],
+               key: str = "ms") -> str:
+    fr = results.get(("frozen", s))
+    txt = f"{r[key]:.2f}" + ("*" if r["capped"] else "")
+    if _ok(fr) and m != "frozen":
+        txt += f" ({r[key] / fr[key]:.2f}x"
+        peers = [p for p in (results.get((q, s)) for q in PEERS.get(METHODS[m][0], [])) if _ok(p)]
+        if peers and m.startswith(("lycoft", "baseline")):
+            txt += f", {r[key] / min(p[key] for p in peers):.2f}p"
+        txt += ")"
+    if r.get("path") and m in ("lycoft-oft", "lycoft-boft", "baseline-oft", "baseline-boft"):
+        txt += f" [{r['path'][0]}]"
+    return txt
+
+
 def markdown(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], methods: list[str],
              meta: dict[str, Any], targets: dict[str, Any]) -> str:
     L: list[str] = []
@@ -437,16 +500,26 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], 
         L.append(f"| {s} | {layer} | {tuple(xs)} | {bias} | {note} |")
 
     L.append("\n## Targets (issue #5)\n")
+    L.append("Verdicts on the median step (the measure the goals name) and, in brackets, on the best step of "
+             "the same case (less sensitive to other load on a shared machine).\n")
+    best = targets.get("best_step", {})
     for fam, t in targets.items():
+        if fam == "best_step":
+            continue
+        tb = best.get(fam, {})
         goal = "<= best peer" if t["peer_factor"] == 1 else f"<= {t['peer_factor']} x best peer"
         geo = _fmt(t["geomean_vs_frozen"], ".3f")
-        L.append(f"- **lycoft {fam}** geomean step/frozen = {geo} (goal <= {t['goal_geomean']}): "
-                 f"{'PASS' if t['geomean_pass'] else 'FAIL'}")
+        geo_b = _fmt(tb.get("geomean_vs_frozen"), ".3f")
+        L.append(f"- **lycoft {fam}** geomean step/frozen = {geo} [{geo_b}] (goal <= {t['goal_geomean']}): "
+                 f"{'PASS' if t['geomean_pass'] else 'FAIL'} [{'PASS' if tb.get('geomean_pass') else 'FAIL'}]")
         for s, p in t["per_shape"].items():
             verdict = "PASS" if p["pass"] else ("FAIL" if p["reachable"] else "FAIL (unreachable: frozen alone "
                                                 "is slower than the goal)")
+            pb = tb.get("per_shape", {}).get(s, {})
+            vb = "PASS" if pb.get("pass") else ("FAIL" if pb.get("reachable") else "FAIL, unreachable")
             L.append(f"  - {s}: {p['ms']:.2f} ms vs best peer {p['best_peer']} {_fmt(p['best_peer_ms'], '.2f')} ms"
-                     f" = {_fmt(p['vs_peer'], '.2f')}x (goal {goal}): {verdict}")
+                     f" = {_fmt(p['vs_peer'], '.2f')}x [{_fmt(pb.get('vs_peer'), '.2f')}x vs {pb.get('best_peer')}]"
+                     f" (goal {goal}): {verdict} [{vb}]")
         L.append(f"  - orthogonality error at std 0.1: {_fmt(t['orth_max_std0.1'], '.1e')} (goal <= 1e-5): "
                  f"{'PASS' if t['orth_pass'] else 'FAIL'}")
         for s, m in t["merge"].items():
@@ -466,26 +539,16 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], 
     L.append("\n## Training step: median ms/step (x frozen; p = x best peer of the same family)\n")
     L.append(head)
     for m in methods:
-        fam = METHODS[m][0]
-        cells = []
-        for s in shapes:
-            def f(r: dict[str, Any], s: str = s, fam: str = fam) -> str:
-                fr = results.get(("frozen", s))
-                txt = f"{r['ms']:.2f}" + ("*" if r["capped"] else "")
-                if _ok(fr) and m != "frozen":
-                    txt += f" ({r['ms'] / fr['ms']:.2f}x"
-                    peers = [results.get((p, s)) for p in PEERS.get(fam, [])]
-                    peers = [p for p in peers if _ok(p)]
-                    if peers and m.startswith("lycoft"):
-                        txt += f", {r['ms'] / min(p['ms'] for p in peers):.2f}p"
-                    txt += ")"
-                if r.get("path") and m in ("lycoft-oft", "lycoft-boft"):
-                    txt += f" [{r['path'][0]}]"
-                return txt
-            cells.append(cell(m, s, f))
-        L.append(f"| {m} | " + " | ".join(cells) + " |")
+        L.append(f"| {m} | " + " | ".join(cell(m, s, lambda r, m=m, s=s: _step_cell(results, m, s, r))
+                                          for s in shapes) + " |")
     L.append("\n`*` = the first step exceeded the step cap: that single step is reported. "
              "[a]/[w] = path the automatic choice took.")
+
+    L.append("\n## Training step: best (minimum) ms/step of the same timed steps (less sensitive to other load)\n")
+    L.append(head)
+    for m in methods:
+        L.append(f"| {m} | " + " | ".join(cell(m, s, lambda r, m=m, s=s: _step_cell(results, m, s, r, "ms_min"))
+                                          for s in shapes) + " |")
 
     L.append("\n## Trainable params / extra saved activations MB / merge ms (one layer's merged weight)\n")
     L.append(head)
@@ -508,18 +571,36 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], 
             L.append(f"| {m} | {q:.2f} | {std} | " + " | ".join(cells) + " |")
 
     L.append("\n## Configuration per case\n")
-    L.append("| shape | method | config | steps | load 1-min avg | notes |\n|---|---|---|---|---|---|")
+    L.append("other load = share of the machine's CPUs used by OTHER processes during the case's timed steps "
+             "(from /proc/stat); above ~10% the times are inflated (OpenMP threads wait on each other).\n")
+    L.append("| shape | method | config | steps | other load | load 1-min avg | notes |\n|---|---|---|---|---|---|---|")
     for s in shapes:
         for m in methods:
             r = results.get((m, s))
             if r is None:
-                L.append(f"| {s} | {m} | skipped (--quick) | | | |")
+                L.append(f"| {s} | {m} | skipped (--quick) | | | | |")
             elif "error" in r:
-                L.append(f"| {s} | {m} | | | | {r['error'].strip().splitlines()[-1][:120]} |")
+                L.append(f"| {s} | {m} | | | | | {r['error'].strip().splitlines()[-1][:120]} |")
             else:
-                L.append(f"| {s} | {m} | {r['config']} | {r['steps']} | "
+                share = f"{r['other_load']:.0%}" if r.get("other_load") is not None else "-"
+                L.append(f"| {s} | {m} | {r['config']} | {r['steps']} | {share} | "
                          f"{r['load_start']:.2f} -> {r['load_end']:.2f} | {'; '.join(r['notes'])} |")
     return "\n".join(L) + "\n"
+
+
+def rerender(src: Path, out: Path) -> int:
+    """Rebuild the markdown report from a JSON written by an earlier run (same numbers, current layout)."""
+    data = json.loads(src.read_text())
+    results = {(r["method"], r["shape"]): r for r in data["results"]}
+    shapes = [s for s in SHAPES if any(k[1] == s for k in results)]
+    methods = [m for m in METHODS if any(k[0] == m for k in results)]
+    targets = summarise(results, shapes, methods)
+    targets["best_step"] = summarise(results, shapes, methods, key="ms_min")
+    meta = dict(data["meta"])
+    meta["report"] = f"re-rendered from {src.name} by `python bench/layers.py --from-json`"
+    out.write_text(markdown(results, shapes, methods, meta, targets))
+    print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,11 +616,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds per case (default 300, quick 30)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every case this many times, interleaved; keep the lowest median (less noise)")
+    ap.add_argument("--retries", type=int, default=None,
+                    help="re-run a case while other processes used > 10%% of the CPUs during it, keeping the "
+                    "least disturbed run (default 2, quick 0)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every case")
+    ap.add_argument("--from-json", default=None,
+                    help="measure nothing: re-render the report (--out) from a JSON this script wrote")
+    ap.add_argument("--baseline", default=None,
+                    help="another lycoft source tree (e.g. `git archive <rev> lycoft | tar -x -C DIR`): adds "
+                    "methods baseline-oft/baseline-boft, measured in the same run")
     args = ap.parse_args(argv)
 
+    if args.from_json:
+        return rerender(Path(args.from_json), Path(args.out))
     shapes = [s for s in args.shapes.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
+    if args.methods == ap.get_default("methods") and not args.baseline:
+        methods = [m for m in methods if not m.startswith("baseline-")]
     for s in shapes:
         if s not in SHAPES:
             ap.error(f"unknown shape {s!r}; known: {', '.join(SHAPES)}")
@@ -555,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_cap": 10.0 if args.quick else 60.0,
         "timeout": args.timeout or (30.0 if args.quick else 300.0),
         "merge_reps": 3 if args.quick else 7,
+        "baseline": str(Path(args.baseline).resolve()) if args.baseline else None,
     }
     # Import the peers once here, before any tensor work, so that every forked case starts with them loaded.
     if any(m.startswith(("lora", "peft")) for m in methods):
@@ -564,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         import lycoris.modules.boft  # noqa: F401
     import lycoft  # noqa: F401
 
+    retries = args.retries if args.retries is not None else (0 if args.quick else 2)
     t_start = time.time()
     load0 = os.getloadavg()
     results: dict[tuple[str, str], dict[str, Any]] = {}
@@ -573,10 +668,17 @@ def main(argv: list[str] | None = None) -> int:
                 if args.quick and (m, s) in QUICK_SKIP:
                     continue
                 r = run_case(m, s, opts)
+                for _ in range(retries):
+                    if "ms" not in r or (r.get("other_load") or 0) <= 0.10:
+                        break
+                    again = run_case(m, s, opts)
+                    if "ms" in again and (again.get("other_load") or 0) < r["other_load"]:
+                        r = again
                 old = results.get((m, s))
                 if old is None or ("ms" in r and ("ms" not in old or r["ms"] < old["ms"])):
                     results[(m, s)] = r
-                status = f"{r['ms']:9.2f} ms" if "ms" in r else r["error"].strip().splitlines()[-1][:80]
+                status = (f"{r['ms']:9.2f} ms  other load {r.get('other_load') or 0:.0%}" if "ms" in r
+                          else r["error"].strip().splitlines()[-1][:80])
                 print(f"[{rep}] {s:9s} {m:17s} {status}", flush=True)
     load1 = os.getloadavg()
 
@@ -593,11 +695,13 @@ def main(argv: list[str] | None = None) -> int:
         "peers": ", ".join(versions) or "none",
         "method": f"fp32, batch 1, warm-up {opts['warmup']}, median of {opts['steps']} timed steps "
         f"(fewer where marked), AdamW lr 1e-4 on adapter params, fixed random output gradient, every case in "
-        f"a fresh forked process, repeat {args.repeat} (lowest median kept)",
+        f"a fresh forked process, repeat {args.repeat} (lowest median kept), up to {retries} re-runs of a case "
+        f"disturbed by other processes (least disturbed kept)",
         "load average (1, 5, 15 min)": f"start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
         f"end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (shared machine)",
     }
     targets = summarise(results, shapes, methods)
+    targets["best_step"] = summarise(results, shapes, methods, key="ms_min")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(results, shapes, [m for m in METHODS if m in methods], meta, targets))

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdapterConfig, BlockLayout
-from .ops import cayley, constrain, interpolate, rotate, rotate_weight, skew
+from .ops import cayley, cayley_of_raw, constrain, interpolate, rotate, rotate_weight, skew
+from .ops.apply import butterfly_fuses, operator_blocks, operator_width
+from .ops.blockdiag import blockdiag_apply, blockdiag_apply_bias
+from .ops.weight_path import ConvSpec, rotated_weight_op
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -123,11 +126,23 @@ class OFTLayer(nn.Module):
 
     def rotation(self, multiplier: float | None = None) -> Tensor:
         """The operator's blocks `R` (float32; float64 if the parameters are float64), strength applied."""
-        Q = self.skew_blocks()
-        if self.training and self.dropout > 0:
-            keep = (torch.rand(Q.shape[:-2], device=Q.device) >= self.dropout).to(Q.dtype)
-            Q = Q * keep[..., None, None]
-        R = cayley(Q, self.neumann_terms)
+        dropout = self.training and self.dropout > 0
+        # No warm start from the previous step's rotation: R must be a pure function of the parameters, so
+        # that a resumed run, every DDP rank and a repeated call compute bit-identical rotations.
+        guess = None
+        if self.constraint == 0 and not self.neumann_terms:
+            # skew, dropout and Cayley in one autograd node: dropping block k zeroes A_k, hence Q_k.
+            A = self.oft_blocks
+            if dropout:
+                keep = (torch.rand(A.shape[:-2], device=A.device) >= self.dropout).to(A.dtype)
+                A = A * keep[..., None, None]
+            R = cayley_of_raw(A, guess=guess)
+        else:
+            Q = self.skew_blocks()
+            if dropout:
+                keep = (torch.rand(Q.shape[:-2], device=Q.device) >= self.dropout).to(Q.dtype)
+                Q = Q * keep[..., None, None]
+            R = cayley(Q, self.neumann_terms, guess=guess)
         m = self.multiplier if multiplier is None else multiplier
         return interpolate(R, m)
 
@@ -161,10 +176,12 @@ class OFTLayer(nn.Module):
     def choose_path(self, x: Tensor) -> str:
         """Pick the exact path with fewer extra multiply-adds for this call.
 
-        Extra cost per stage of `b`-blocks: weight path `out*fan_in*b` to build `W'` (twice with
-        autograd: forward and the gradient of `R`) plus, when training, the weight gradient
-        `tokens*out*fan_in` that a frozen layer never computes; activation path `tokens*d*b` (three times
-        with autograd), `d` the rotated size.
+        `w` = multiply-adds per rotated entry (`b` for oft, the chunk size of a fused butterfly, or `m b`),
+        `T` = output positions, `d` = rotated size. Extra cost over the frozen layer:
+        - activation path: `T d w` (forward), `3 T d w` when training (rotate, rotate back, gradient);
+        - weight path: `out fan_in w` to build `W'`; when training, with the exact output-gradient trick of
+          `ops/weight_path.py`, `2 out fan_in w + T d w`; otherwise autograd also pays the weight gradient
+          `T out fan_in` that a frozen layer never computes.
         """
         if self.path != "auto":
             if self.path == "activation" and not self.activation_path_possible:
@@ -173,16 +190,43 @@ class OFTLayer(nn.Module):
         if not self.activation_path_possible:
             return "weight"
         T = self._tokens(x)
-        b = self.layout.block_size * self.layout.stages
-        d = self.layout.dim
-        training = torch.is_grad_enabled() and self.oft_blocks.requires_grad
-        if training:
-            weight_cost = 2 * self.out_dim * self.fan_in * b + T * self.out_dim * self.fan_in
-            act_cost = 3 * T * d * b
+        lay = self.layout
+        w = operator_width(lay.stages, lay.block_size, lay.algo == "boft")
+        d = lay.dim
+        if torch.is_grad_enabled() and self.oft_blocks.requires_grad:
+            build = self.out_dim * self.fan_in * w
+            if self._output_gradient_trick_applies():
+                weight_cost = 2 * build + T * d * w
+            else:
+                weight_cost = 2 * build + T * self.out_dim * self.fan_in
+            act_cost = 3 * T * d * w
         else:
-            weight_cost = self.out_dim * self.fan_in * b
-            act_cost = T * d * b
+            weight_cost = self.out_dim * self.fan_in * w
+            act_cost = T * d * w
         return "activation" if act_cost < weight_cost else "weight"
+
+    def _output_gradient_trick_applies(self) -> bool:
+        """The weight path's backward may use `ops.weight_path` (operator orthogonal, base frozen)."""
+        base = self.base
+        lay = self.layout
+        return (
+            self.side == "output"
+            and (lay.algo == "oft" or butterfly_fuses(lay.stages, lay.block_size))
+            and self.rescale is None
+            and self.multiplier == 1.0
+            and not base.weight.requires_grad
+            and (not isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not isinstance(base.padding, str))
+        )
+
+    def _conv_spec(self, x: Tensor) -> tuple[Tensor, ConvSpec | None]:
+        base = self.base
+        if isinstance(base, nn.Linear):
+            return x, None
+        padding = base.padding
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = (0,) * len(base.stride)
+        return x, ConvSpec(tuple(base.stride), tuple(padding), tuple(base.dilation), base.groups)
 
     @property
     def activation_path_possible(self) -> bool:
@@ -200,10 +244,22 @@ class OFTLayer(nn.Module):
         base = self.base
         R = self.rotation()
         if path == "weight":
+            if torch.is_grad_enabled() and self.oft_blocks.requires_grad and self._output_gradient_trick_applies():
+                blocks = operator_blocks(R)
+                if blocks is not None:
+                    xin, conv = self._conv_spec(x)
+                    return rotated_weight_op(xin, blocks, base.weight, base.bias, conv)
             return self._run(x, self.merged_weight(R=R), base.bias)
         channel_dim = -1 if isinstance(base, nn.Linear) else 1
         if self.side == "output":
-            y = rotate(R.to(x.dtype), self._run(x, base.weight, None), dim=channel_dim)
+            y = self._run(x, base.weight, None)
+            blocks = operator_blocks(R)
+            if blocks is not None and self.rescale is None:  # rotation and bias in one pass
+                return blockdiag_apply_bias(blocks, y, channel_dim, False, base.bias)
+            if blocks is None:
+                y = rotate(R.to(y.dtype), y, dim=channel_dim)
+            else:
+                y = blockdiag_apply(blocks, y, dim=channel_dim)
         else:
             y = self._run(rotate(R.to(x.dtype), x, dim=channel_dim, transpose=True), base.weight, None)
         return self._rescale_and_bias(y, channel_dim % y.dim())

@@ -149,8 +149,5 @@ def test_half_precision_pipelines_oft(tmp_path):
     _half_precision_case(tmp_path, "oft")
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "layers.py: the activation path of a wide butterfly does not cast R to the activations' dtype, so "
-    "half-precision pipelines stop with 'expected scalar type Float but found Half' (reported)"))
 def test_half_precision_pipelines_boft(tmp_path):
     _half_precision_case(tmp_path, "boft")

@@ -5,6 +5,7 @@ from .blockdiag import blockdiag_apply
 from .butterfly import butterfly_apply, butterfly_stage
 from .cayley import (
     cayley,
+    cayley_of_raw,
     compute_dtype,
     constrain,
     constraint_scale,
@@ -20,6 +21,7 @@ __all__ = [
     "butterfly_apply",
     "butterfly_stage",
     "cayley",
+    "cayley_of_raw",
     "compute_dtype",
     "constrain",
     "constraint_scale",

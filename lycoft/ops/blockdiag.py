@@ -5,11 +5,12 @@
 `R_k^T W_k`). The same function rotates weight rows (`dim=0`) and activation channels (`dim=1` for conv
 outputs, `dim=-1` for linear outputs).
 
-Speed: a tensor is viewed as `(p, nb, b, q)` (`p` = size before `dim`, `q` = size after it), which is
-always a view of a contiguous tensor, and every product is one batched GEMM on such views:
+Speed: a tensor is viewed as `(p, nb, b, q)` (`p` = size before `dim`, `q` = size after it; a view of
+any contiguous tensor), and every product is one batched GEMM on such views:
 - `q > 1` (weight rows, conv channels): block k of `(nb, b, q)` is a plain row-major matrix;
 - `q == 1` (channels last, linear outputs): block k of `(p, nb, b)` is a `(p, b)` matrix with row
-  stride `nb*b`, which BLAS reads and writes in place (no permute copies).
+  stride `nb*b`, which BLAS reads and writes where it lies (no permute copies; torch then issues one
+  GEMM per block, the cost that dominates small layers on CPU).
 A custom autograd function supplies both gradients with the same two kernels, so autograd records one
 node instead of the permutes, reshapes and copies of an einsum.
 """
@@ -66,29 +67,42 @@ def block_outer(G: Tensor, Xv: Tensor) -> Tensor:
 
 
 class _BlockApply(torch.autograd.Function):
-    """`Y[p, k] = A[k] @ X[p, k]`; backward: `dX = A^T dY`, `dA[k] = sum dY X^T`."""
+    """`Y[p, k] = A[k] @ X[p, k] (+ bias)`, `A = R^T` or `R`; backward: `dX = A^T dY`, `dA[k] = sum dY X^T`.
+
+    Taking `R` and a flag (not a transposed view) and adding the bias in place keeps it one autograd node.
+    """
 
     @staticmethod
-    def forward(ctx, A: Tensor, Xv: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(A, Xv)
-        return block_matmul(A, Xv)
+    def forward(ctx, R: Tensor, Xv: Tensor, transpose_r: bool,  # type: ignore[override]
+                bias: Tensor | None) -> Tensor:
+        ctx.transpose_r = transpose_r
+        ctx.save_for_backward(R, Xv)
+        Y = block_matmul(R.transpose(1, 2) if transpose_r else R, Xv)
+        if bias is not None:
+            p, nb, b, q = Xv.shape
+            Y.add_(bias.to(Y.dtype).view(1, nb, b, 1))
+        return Y
 
     @staticmethod
-    def backward(ctx, G: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
-        A, Xv = ctx.saved_tensors
+    def backward(ctx, G: Tensor):  # type: ignore[override]
+        R, Xv = ctx.saved_tensors
+        A = R.transpose(1, 2) if ctx.transpose_r else R
         G = G.contiguous()
-        dA = dX = None
+        dR = dX = dbias = None
         if ctx.needs_input_grad[0]:
-            dA = block_outer(G, Xv).to(A.dtype)
+            dA = block_outer(G, Xv).to(R.dtype)
+            dR = dA.transpose(1, 2) if ctx.transpose_r else dA
         if ctx.needs_input_grad[1]:
             dX = block_matmul(A.transpose(1, 2), G)
-        return dA, dX
+        if ctx.needs_input_grad[3]:
+            dbias = G.sum((0, 3)).reshape(-1)
+        return dR, dX, None, dbias
 
 
 def block_apply(A: Tensor, Xv: Tensor) -> Tensor:
     """Differentiable `Y[p, k] = A[k] @ Xv[p, k]` (`A` `(nb, b, b)`, `Xv` `(p, nb, b, q)`)."""
     if torch.is_grad_enabled() and (A.requires_grad or Xv.requires_grad):
-        return _BlockApply.apply(A, Xv)
+        return _BlockApply.apply(A, Xv, False, None)
     return block_matmul(A, Xv)
 
 
@@ -97,7 +111,16 @@ def blockdiag_apply(R: Tensor, X: Tensor, dim: int = 0, transpose: bool = False)
 
     R `(nb, b, b)`, X `(..., nb*b, ...)` -> same shape as X.
     """
+    return blockdiag_apply_bias(R, X, dim, transpose, None)
+
+
+def blockdiag_apply_bias(R: Tensor, X: Tensor, dim: int, transpose: bool, bias: Tensor | None) -> Tensor:
+    """`blockdiag_apply(R, X, dim, transpose)` plus `bias` `(nb*b,)` broadcast along `dim`, fused."""
     nb, b, _ = R.shape
     Xv = _view(X, dim, nb, b)
-    A = R if transpose else R.transpose(1, 2)
-    return block_apply(A, Xv).reshape(X.shape)
+    if torch.is_grad_enabled() and (R.requires_grad or Xv.requires_grad or (bias is not None and bias.requires_grad)):
+        return _BlockApply.apply(R, Xv, not transpose, bias).reshape(X.shape)
+    Y = block_matmul(R if transpose else R.transpose(1, 2), Xv)
+    if bias is not None:
+        Y.add_(bias.to(Y.dtype).view(1, nb, b, 1))
+    return Y.reshape(X.shape)

@@ -1,0 +1,292 @@
+"""One whole-model training step (UNet + text encoder) with an adapter network injected.
+
+lycoft OFT/BOFT against LyCORIS (diag-oft, boft), PEFT (OFT, BOFT) and PEFT LoRA, all on the SAME set of
+layers: the layers that `lycoft.inject(..., preset=...)` adapts are named, and each peer adapts exactly
+those modules. One step = text encoder forward, UNet forward on noisy latents, MSE loss, backward, AdamW
+on the adapter parameters; base weights frozen. Each method runs in its own forked process.
+
+    python bench/train_step.py                 # CPU: mid-size random UNet (64,128,256) at 32x32 latents
+    python bench/train_step.py --model sd15    # CUDA: full-size SD1.5 UNet at 512 px (64x64 latents)
+    python bench/train_step.py --model sdxl    # CUDA: full-size SDXL UNet at 1024 px (128x128 latents)
+
+The full-size models are built from the diffusers configs bundled in lycoft (random weights: speed does
+not depend on them). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from layers import run_forked  # noqa: E402
+
+CONFIGS = ROOT / "lycoft" / "checkpoints" / "configs"
+# model -> (bundled diffusers config folder, latent size; None = the config's sample_size). The tiny ones
+# run the full-size code path (incl. SDXL's two text encoders and added conditioning) in seconds on CPU.
+FOLDERS = {"sd15": ("sd15", 64), "sdxl": ("sdxl-base-1.0", 128), "tiny-sd1": ("tiny-sd1", None),
+           "tiny-sdxl": ("tiny-sdxl", None)}
+
+METHODS: dict[str, str] = {
+    "frozen": "no adapter (latents require grad, so the backward still runs through every layer)",
+    "lora-r8": "PEFT LoRA r=8 alpha=8",
+    "peft-oft": "PEFT OFT oft_block_size=32, exact Cayley",
+    "peft-boft": "PEFT BOFT block 8, n_butterfly_factor=2 (CPU: PEFT forces 1)",
+    "lyco-diag-oft": "LyCORIS diag-oft lora_dim=32, default mode",
+    "lyco-diag-oft-bp": "LyCORIS diag-oft lora_dim=32, bypass mode",
+    "lyco-boft-bp": "LyCORIS boft, smallest valid lora_dim >= 8 per layer, bypass mode",
+    "lycoft-oft": "lycoft OFT block 32 (auto path)",
+    "lycoft-boft": "lycoft BOFT block 8, m=2 (auto path)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# models
+
+
+def build_models(model: str, device: torch.device) -> tuple[nn.Module, list[nn.Module], dict[str, Any]]:
+    """Random-weight UNet and text encoder(s), frozen; and the inputs of one step."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    if model == "mid":
+        unet = UNet2DConditionModel(
+            sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
+            attention_head_dim=8, norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        tes = [CLIPTextModel(CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                            num_attention_heads=4, vocab_size=1000, max_position_embeddings=77))]
+        latent = 32
+    else:
+        name, latent = FOLDERS[model]
+        folder = CONFIGS / name
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
+        if (folder / "text_encoder_2").exists():
+            tes.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+        latent = latent or unet.config.sample_size
+    for m in (unet, *tes):
+        m.requires_grad_(False)
+        m.to(device)
+    vocab = tes[0].config.vocab_size
+    inputs = {
+        "latents": torch.randn(1, 4, latent, latent, device=device),
+        "ids": torch.randint(0, vocab, (1, 77), device=device),
+        "target": torch.randn(1, 4, latent, latent, device=device),
+        "t": torch.tensor([500], device=device),
+        "sdxl": len(tes) == 2,
+    }
+    return unet, tes, inputs
+
+
+def target_names(unet: nn.Module, tes: list[nn.Module], preset: str) -> dict[int, list[str]]:
+    """Module paths (per model: 0 = unet, 1.. = text encoders) that lycoft adapts with this preset."""
+    import lycoft
+
+    models = [unet, *tes]
+    net = lycoft.inject(unet=unet, text_encoders=tes, config=lycoft.AdapterConfig(block_size=32), preset=preset)
+    bases = {id(layer.base) for layer in net.adapters.values()}
+    net.remove()
+    return {i: [n for n, m in model.named_modules() if id(m) in bases] for i, model in enumerate(models)}
+
+
+def inject(method: str, unet: nn.Module, tes: list[nn.Module], names: dict[int, list[str]], preset: str
+           ) -> tuple[list[nn.Parameter], str]:
+    models = [unet, *tes]
+    if method == "frozen":
+        return [], "-"
+    if method.startswith("lycoft"):
+        import lycoft
+
+        cfg = (lycoft.AdapterConfig(block_size=32) if method == "lycoft-oft"
+               else lycoft.AdapterConfig(algo="boft", block_size=8, butterfly_factors=2))
+        net = lycoft.inject(unet=unet, text_encoders=tes, config=cfg, preset=preset)
+        return net.trainable_parameters(), f"{len(net.adapters)} layers ({len(net.skipped)} skipped)"
+    params: list[nn.Parameter] = []
+    count = 0
+    if method.startswith(("lora", "peft")):
+        from peft import BOFTConfig, LoraConfig, OFTConfig, inject_adapter_in_model
+
+        for i, model in enumerate(models):
+            if not names[i]:
+                continue
+            if method == "lora-r8":
+                cfg = LoraConfig(r=8, lora_alpha=8, target_modules=names[i])
+            elif method == "peft-oft":
+                cfg = OFTConfig(r=0, oft_block_size=32, target_modules=names[i], use_cayley_neumann=False)
+            else:
+                cfg = BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=names[i])
+            inject_adapter_in_model(cfg, model)
+            count += len(names[i])
+        params = [p for m in models for p in m.parameters() if p.requires_grad]
+        return params, f"{count} layers"
+    from layers import lyco_boft_dim
+    from lycoris.modules.boft import ButterflyOFTModule
+    from lycoris.modules.diag_oft import DiagOFTModule
+
+    keep = []
+    for i, model in enumerate(models):
+        modules = dict(model.named_modules())
+        for n in names[i]:
+            base = modules[n]
+            bypass = method.endswith("-bp")
+            if "diag" in method:
+                mod = DiagOFTModule(n, base, multiplier=1.0, lora_dim=32, bypass_mode=bypass)
+            else:
+                mod = ButterflyOFTModule(n, base, multiplier=1.0, lora_dim=lyco_boft_dim(base.weight.shape[0]),
+                                         bypass_mode=bypass)
+            mod.to(base.weight.device)
+            mod.apply_to()
+            keep.append(mod)
+            params += [p for p in mod.parameters() if p.requires_grad]
+    unet._bench_lycoris = nn.ModuleList(keep)  # keep the modules alive with the model
+    return params, f"{len(keep)} layers"
+
+
+def step_fn(unet: nn.Module, tes: list[nn.Module], inputs: dict[str, Any], opt: torch.optim.Optimizer | None,
+            amp: torch.dtype | None):
+    x = inputs["latents"].clone().requires_grad_(True)
+    device = x.device
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            if inputs["sdxl"]:
+                h1 = tes[0](inputs["ids"], output_hidden_states=True).hidden_states[-2]
+                out2 = tes[1](inputs["ids"], output_hidden_states=True)
+                ctx = torch.cat([h1, out2.hidden_states[-2]], dim=-1)
+                added = {"text_embeds": out2.text_embeds,
+                         "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]], device=device)}
+                pred = unet(x, inputs["t"], ctx, added_cond_kwargs=added).sample
+            else:
+                ctx = tes[0](inputs["ids"]).last_hidden_state
+                pred = unet(x, inputs["t"], ctx).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), inputs["target"])
+        loss.backward()
+        x.grad = None
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(method: str, opts: dict[str, Any]) -> dict[str, Any]:
+    warnings.filterwarnings("ignore")
+    device = torch.device(opts["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(opts["threads"])
+    unet, tes, inputs = build_models(opts["model"], device)
+    names = target_names(unet, tes, opts["preset"])
+    params, desc = inject(method, unet, tes, names, opts["preset"])
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opts["amp"]]
+    step = step_fn(unet, tes, inputs, opt, amp)
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(opts["warmup"]):
+        timed()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [timed() for _ in range(opts["steps"])]
+    res = {"method": method, "layers": desc, "params": sum(p.numel() for p in params),
+           "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "steps": len(times),
+           "load": os.getloadavg()[0]}
+    if device.type == "cuda":
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["mid", *FOLDERS], default=None,
+                    help="mid (default on CPU), full-size sd15/sdxl (default on CUDA: both), or tiny-sd1/tiny-sdxl "
+                    "(the full-size code path on the bundled tiny configs, a smoke test)")
+    ap.add_argument("--preset", default="attn-mlp", help="lycoft preset naming the adapted layers (all methods)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default CPU 5, CUDA 10)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per method")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--amp", choices=["no", "bf16", "fp16"], default=None, help="default: no on CPU, bf16 on CUDA")
+    ap.add_argument("--out", default="bench/results/train_step.md")
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    models = [args.model] if args.model else (["sd15", "sdxl"] if cuda else ["mid"])
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+    import diffusers  # noqa: F401  (import before forking: every case starts with it loaded)
+    import lycoris  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    lines = ["# Whole-model training step with an adapter network\n"]
+    lines.append(f"- generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python bench/train_step.py "
+                 f"{' '.join(sys.argv[1:] if argv is None else argv)}`")
+    lines.append(f"- {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+                 + (f", {torch.cuda.get_device_name()}" if cuda else f", set_num_threads({args.threads})"))
+    lines.append(f"- preset `{args.preset}` picks the layers (lycoft's rule); every peer adapts the same modules")
+    lines.append(f"- load average at start {os.getloadavg()[0]:.2f}")
+    results: dict[str, list[dict[str, Any]]] = {}
+    for model in models:
+        opts = {"model": model, "preset": args.preset, "device": device, "threads": args.threads,
+                "steps": args.steps or (10 if cuda else 5), "warmup": args.warmup,
+                "amp": args.amp or ("bf16" if cuda else "no")}
+        rows = []
+        for m in methods:
+            r = run_forked(measure, (m, opts), args.timeout)
+            r.setdefault("method", m)
+            rows.append(r)
+            status = f"{r['ms']:9.1f} ms" if "ms" in r else r["error"].strip().splitlines()[-1][:100]
+            print(f"{model:5s} {m:17s} {status}", flush=True)
+        results[model] = rows
+        frozen = next((r for r in rows if r["method"] == "frozen" and "ms" in r), None)
+        lines.append(f"\n## {model} (batch 1, "
+                     f"amp {opts['amp']}, median of {opts['steps']} steps)\n")
+        lines.append("| method | layers | trainable params | ms/step | x frozen | notes |\n|---|---|---|---|---|---|")
+        for r in rows:
+            if "ms" not in r:
+                lines.append(f"| {r['method']} | | | | | {r['error'].strip().splitlines()[-1][:120]} |")
+                continue
+            ratio = f"{r['ms'] / frozen['ms']:.2f}" if frozen else "-"
+            note = f"peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else f"load {r['load']:.1f}"
+            lines.append(f"| {r['method']} | {r['layers']} | {r['params']:,} | {r['ms']:.1f} | {ratio} | {note} |")
+    lines.append(f"\n- load average at end {os.getloadavg()[0]:.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
