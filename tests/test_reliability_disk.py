@@ -12,21 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from lycoft.formats import atomic
 from lycoft.formats.safe_io import read_safetensors
 from lycoft.training import loop
 from lycoft.training.saving import TrainState
 from lycoft.training.toy_data import make_toy_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,6 @@ from lycoft.formats.lycoris import layer_tensors
 from lycoft.merge import merge_adapters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_nan_in_an_adapter_is_refused_by_load_and_merge_naming_the_key(tmp_path):
     files = shared_files("sd1")
     tensors = load_file(str(files["a"]))

@@ -10,22 +10,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from lycoft.formats.safe_io import read_safetensors
 from lycoft.training import loop
 from lycoft.training.config import parse_args
 from lycoft.training.saving import TrainState
 from lycoft.training.toy_data import make_toy_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def flags(data: Path, out: Path, *extra: str) -> list[str]:

@@ -30,13 +30,6 @@ TOL = 1e-5
 PEFT_TARGETS = ["to_q", "to_k", "to_out.0", "proj_in", "conv1"]  # linear, 1x1 conv (SD1 proj_in), 3x3 conv
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def files():

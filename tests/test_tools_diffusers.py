@@ -23,13 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_ATOL = 1e-3  # images in [0, 1]; on-the-fly and baked weights differ by float32 rounding only
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def image(pipe) -> torch.Tensor:
     return pipe("a photo of sks toy", num_inference_steps=2, output_type="pt",

@@ -35,13 +35,6 @@ LAYER_TOL = 1e-5  # float32, relative per layer (SPEC: exactness)
 MODEL_TOL = {"unet": 2e-4, "te1": 1e-5, "te2": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def files():

@@ -9,20 +9,11 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from lycoft.training import loop
 from lycoft.training.config import parse_args
 from lycoft.training.toy_data import make_toy_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def metadata(path: Path) -> dict[str, str]:
