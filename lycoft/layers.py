@@ -125,26 +125,45 @@ class OFTLayer(nn.Module):
         return constrain(Q, self.constraint * self.layout.dim)
 
     def rotation(self, multiplier: float | None = None) -> Tensor:
-        """The operator's blocks `R` (float32; float64 if the parameters are float64), strength applied."""
-        dropout = self.training and self.dropout > 0
-        # No warm start from the previous step's rotation: R must be a pure function of the parameters, so
-        # that a resumed run, every DDP rank and a repeated call compute bit-identical rotations.
-        guess = None
-        if self.constraint == 0 and not self.neumann_terms:
-            # skew, dropout and Cayley in one autograd node: dropping block k zeroes A_k, hence Q_k.
-            A = self.oft_blocks
-            if dropout:
-                keep = (torch.rand(A.shape[:-2], device=A.device) >= self.dropout).to(A.dtype)
-                A = A * keep[..., None, None]
-            R = cayley_of_raw(A, guess=guess)
-        else:
-            Q = self.skew_blocks()
-            if dropout:
-                keep = (torch.rand(Q.shape[:-2], device=Q.device) >= self.dropout).to(Q.dtype)
-                Q = Q * keep[..., None, None]
-            R = cayley(Q, self.neumann_terms, guess=guess)
+        """The operator's blocks `R` (float32; float64 if the parameters are float64), strength applied.
+
+        Inside a `Network` the rotations of all its layers are built together and reused while valid
+        (`lycoft.rotations`); a standalone layer builds its own at every call.
+        """
         m = self.multiplier if multiplier is None else multiplier
+        cache = self.__dict__.get("rotation_cache")
+        R = cache.get(self) if cache is not None else None
+        if R is None:
+            # No warm start from the previous step's rotation: R must be a pure function of the parameters,
+            # so that a resumed run, every DDP rank and a repeated call compute bit-identical rotations.
+            X = self.rotation_input()
+            R = cayley_of_raw(X) if self.rotation_is_raw() else cayley(X, self.neumann_terms)
         return interpolate(R, m)
+
+    # The pieces of `rotation`, shared with the batched build of `lycoft.rotations.RotationCache`.
+    def rotation_is_raw(self) -> bool:
+        """The Cayley input is the raw block `A` (skew taken inside the transform: no constraint)."""
+        return self.constraint == 0 and not self.neumann_terms
+
+    def rotation_input(self) -> Tensor:
+        """`A` (raw) or the constrained skew `Q`, with this step's dropout mask applied to whole blocks."""
+        X = self.oft_blocks if self.rotation_is_raw() else self.skew_blocks()
+        if self.training and self.dropout > 0:
+            # dropping block k zeroes A_k, hence Q_k
+            keep = (torch.rand(X.shape[:-2], device=X.device) >= self.dropout).to(X.dtype)
+            X = X * keep[..., None, None]
+        return X
+
+    def batchable_rotation(self) -> bool:
+        return not self.neumann_terms
+
+    def rotation_version(self) -> tuple[int, int]:
+        blocks = self.oft_blocks
+        return blocks._version, blocks.data_ptr()
+
+    def rotation_settings(self) -> tuple:
+        return (self.constraint, self.neumann_terms, self.training and self.dropout > 0,
+                self.oft_blocks.requires_grad, self.oft_blocks.dtype, self.oft_blocks.device)
 
     def merged_weight(self, multiplier: float | None = None, R: Tensor | None = None) -> Tensor:
         """`W' = rescale * M W` (output side) or `rescale * W M^T` (input side), in the base weight dtype."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layers import OFTLayer
+from .rotations import RotationCache
 from .targets import Target, select_targets, te_key_function, unet_key_function
 
 log = logging.getLogger("lycoft")
@@ -58,6 +59,7 @@ class Network(nn.Module):
         self.skipped: list[tuple[str, str]] = []
         self._patched: dict[str, tuple[nn.Module, Any]] = {}
         self.multiplier = 1.0
+        self.rotations = RotationCache(self.adapters, self.components)
 
     # -- building -------------------------------------------------------------------------------------
     def add(self, target: Target, layout=None) -> OFTLayer:
@@ -65,6 +67,7 @@ class Network(nn.Module):
         if target.key in self.adapters:
             raise ValueError(f"duplicate adapter key {target.key}: two modules map to the same name")
         self.adapters[target.key] = layer
+        layer.rotation_cache = self.rotations
         self.components[target.key] = target.component
         return layer
 
@@ -83,6 +86,7 @@ class Network(nn.Module):
             base = layer.base
             self._patched[key] = (base, base.__dict__.get("forward"))
             base.forward = layer.forward
+            layer.rotation_cache = self.rotations
         return self
 
     def remove(self) -> None:
