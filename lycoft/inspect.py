@@ -351,10 +351,11 @@ def _format_text(ins: Inspection, top: int, show_all: bool) -> str:
         ins.layers, key=lambda x: -(x.max_angle if x.max_angle is not None else (x.rel_change or 0)))[:top]
     title = "layers" if show_all else f"largest {len(shown)} of {len(ins.layers)} layers (--all for every one)"
     lines.append(f"  {title}:")
-    lines.append(f"    {'key':<64} {'blocks':>12} {'||Q||':>8} {'angle':>7} {'ortho':>8} {'dW/W':>8}")
+    width = max([len(x.key) for x in shown] + [3])  # whole keys: SDXL's run past 64 characters
+    lines.append(f"    {'key':<{width}} {'blocks':>12} {'||Q||':>8} {'angle':>7} {'ortho':>8} {'dW/W':>8}")
     for x in shown:
         blocks = f"{x.stages}x{x.blocks}x{x.block_size}" if x.algo == "boft" else f"{x.blocks}x{x.block_size}"
-        lines.append(f"    {x.key[:64]:<64} {blocks:>12} {_fmt(x.q_norm):>8} {_fmt(x.max_angle, '.2f'):>7} "
+        lines.append(f"    {x.key:<{width}} {blocks:>12} {_fmt(x.q_norm):>8} {_fmt(x.max_angle, '.2f'):>7} "
                      f"{_fmt(x.ortho_error, '.1e'):>8} {_fmt(x.rel_change):>8}")
     return "\n".join(lines)
 

@@ -201,3 +201,17 @@ def test_cli(tmp_path, files, capsys):
     assert "consumers:" in out and "largest 3 of" in out and (tmp_path / "a.png").is_file()
     assert tool.main([str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_text_report_shows_whole_keys(files):
+    """Real SD1 keys run past 64 characters (71 for the one below)."""
+    import dataclasses
+
+    from lycoft.inspect import inspect_adapter
+
+    ins = inspect_adapter(str(files("sdxl")["a"]))
+    layer = ins.layers[0]
+    long_key = "lora_unet_down_blocks_2_attentions_1_transformer_blocks_0_attn1_to_out_0"
+    ins.layers = [dataclasses.replace(layer, key=long_key), layer]
+    printed = [line.split()[0] for line in ins.text(show_all=True).splitlines() if line.strip().startswith("lora_")]
+    assert printed == [long_key, layer.key]
