@@ -64,20 +64,43 @@ def _eye(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _newton_schulz(A: Tensor, X: Tensor) -> Tensor | None:
-    """Refine `X ~ A^-1` (`(B, b, b)`) by `X <- X + X (I - A X)`, or None when `X` is too far off.
+    """`A^-1` (`(B, b, b)`) refined from the start `X` by `X <- X + X (I - A X)`; None if LU is better.
 
     The residual squares at every step (`I - A X' = (I - A X)^2`), so with `r = ||I - A X||_inf` of the
     start (max row sum, a submultiplicative norm: measured once, one host sync) after k steps it is at most
     `r^(2^k)`. Exactly as many steps are taken as bring that bound below `_NS_TARGET` (float32 rounding):
     the result is as accurate as the LU inverse, by a bound, not by hope.
+    Blocks whose start is poor (`r >= _NS_START`, e.g. the few layers of a network that rotate far) are
+    inverted by LU on their own, so that one of them does not send a whole batched build to LU.
     """
-    I = _eye(A.shape[-1], A.dtype, A.device).expand_as(A)
+    b = A.shape[-1]
+    I = _eye(b, A.dtype, A.device).expand_as(A)
     E = torch.baddbmm(I, A, X, alpha=-1.0)
-    r = float(E.abs().sum(-1).amax())  # max row sum over all blocks (matrix_norm is slower)
-    if not r < _NS_START:
+    rows = E.abs().sum(-1).amax(-1)  # (B,): each block's residual norm (matrix_norm is slower)
+    r = float(rows.max())
+    if r < _NS_START:
+        return _refine(A, X, E, r)
+    good = rows < _NS_START  # NaN compares False: such blocks go to LU, which reports them
+    n_good = int(good.sum())
+    if n_good * b**3 < _NS_MIN_WORK:
         return None
+    ok, poor = good.nonzero().squeeze(1), (~good).nonzero().squeeze(1)
+    N = torch.empty_like(X)
+    N[ok] = _refine(A[ok], X[ok], E[ok], float(rows[ok].max()))
+    N[poor] = _lu_inverse(A[poor])
+    return N
+
+
+def _lu_inverse(A: Tensor) -> Tensor:
+    """Batched LU inverse that keeps a NaN/inf block non-finite (LAPACK may return finite garbage for it)."""
+    return torch.linalg.inv_ex(A).inverse + A.sum((-2, -1), keepdim=True) * 0.0
+
+
+def _refine(A: Tensor, X: Tensor, E: Tensor, r: float) -> Tensor:
+    """Newton-Schulz steps from `X` with residual `E = I - A X`, `||E||_inf = r < 1`."""
     if r == 0.0:
         return X
+    I = _eye(A.shape[-1], A.dtype, A.device).expand_as(A)
     steps = max(1, math.ceil(math.log2(math.log(_NS_TARGET) / math.log(r))))
     for k in range(steps):
         X = torch.baddbmm(X, X, E)
@@ -108,7 +131,7 @@ def _inverse_of_i_minus(Q: Tensor, guess: Tensor | None = None) -> Tensor:
             N = _newton_schulz(A3, (Q + I).reshape(-1, b, b))
         if N is not None:
             return N.reshape(Q.shape)
-    return torch.linalg.inv_ex(A).inverse
+    return _lu_inverse(A)
 
 
 def _cayley_from_inverse(N: Tensor) -> Tensor:
