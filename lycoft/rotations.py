@@ -13,7 +13,8 @@ When a cached rotation is still valid:
 - the layer's rotation settings (constraint, dropout while training, grad requirement) are unchanged;
 - with autograd: no backward has gone through it yet. A backward frees the graph, so the next forward
   (the next micro-batch of a gradient accumulation) builds again; two forwards before one backward (two
-  calls of one module, a summed loss) share one rotation and its gradient adds up.
+  calls of one module, a summed loss) share one rotation and its gradient adds up. Layers inside a
+  gradient-checkpointed region compute their own rotation (see `shared_graph_allowed`).
 Without autograd (sampling, inference, merging) the rotations are kept until a parameter changes, so a
 sampler's 30 steps x 2 guidance passes compute them once.
 Dropout masks are drawn for every layer at each build: one mask per layer per step, as before.
@@ -31,6 +32,22 @@ from .ops import cayley, cayley_of_raw
 
 if TYPE_CHECKING:
     from .layers import OFTLayer
+
+
+def shared_graph_allowed() -> bool:
+    """Whether a layer may take its rotation from a shared, batched graph: only in a plain forward.
+
+    Not inside a checkpointed region (saved-tensor hooks are active: its recomputation must save exactly
+    what its forward saved, so both compute their own rotation), nor inside a backward (reentrant
+    checkpointing recomputes and backpropagates a region on its own, which would free the shared graph
+    before the rest of the model reaches it). Both probes are private torch functions: without them, no
+    sharing (the per-layer computation is always correct).
+    """
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    if top_hooks is None or graph_task is None:
+        return False
+    return top_hooks(False) is None and graph_task() == -1
 
 
 class _Built:
@@ -78,6 +95,8 @@ class RotationCache:
         if not layer.batchable_rotation():
             return None
         with_grad = torch.is_grad_enabled() and layer.oft_blocks.requires_grad
+        if with_grad and not shared_graph_allowed():
+            return None
         store = self._grad if with_grad else self._plain
         component = self.components.get(layer.name, "")
         hit = self._lookup(store.get(component), layer)

@@ -196,25 +196,43 @@ def test_merge_equals_forward_with_the_cache(tiny_pipes, cfg):
         assert rel(_loss(pipe), adapted) <= 1e-4
 
 
-def test_gradient_checkpointing_reuses_the_rotations_and_their_dropout_masks(tiny_pipes):
-    """diffusers' checkpointing recomputes the forward inside the backward: the recomputed layers must see
-    the rotations (and dropout masks) of the original forward, so gradients equal the plain run's."""
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_plain_gradients(tiny_pipes, reentrant):
+    """Checkpointing recomputes regions inside the backward. Layers there compute their own rotation (the
+    recomputation must save what the forward saved; a reentrant one backpropagates on its own), the others
+    share the batched build; gradients equal those of the run without checkpointing. In float64: this
+    random UNet's float32 gradient lands ~1e-2 from float64 whichever way its rotations are computed."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
     grads = []
     for checkpointing in (False, True):
         pipe = tiny_pipes("sd1")
         pipe.unet.requires_grad_(False)
-        net = randomise_network(lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4, dropout=0.3)),
-                                std=0.05)
-        net.train()
+        net = randomise_network(lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4)), std=0.05)
+        pipe.unet.train()
         if checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-            pipe.unet.train()
+            pipe.unet.enable_gradient_checkpointing(functools.partial(checkpoint, use_reentrant=reentrant))
         calls = []
         pipe.unet.down_blocks[0].resnets[0].conv1.register_forward_pre_hook(lambda *a, c=calls: c.append(1))
-        torch.manual_seed(1)
-        _loss(pipe).backward()
-        assert len(calls) == (2 if checkpointing else 1)  # the recompute did happen
-        assert net.rotations.builds == 1
+        _gradients(pipe, net, torch.float64)
+        assert len(calls) == (2 if checkpointing else 1)  # the recomputation did happen
+        # conv_in, outside every region, built for the rest (+1 graph-free build: a reentrant region's
+        # first forward runs without autograd)
+        assert net.rotations.builds == (2 if checkpointing and reentrant else 1)
         grads.append({k: layer.oft_blocks.grad for k, layer in net.items("unet")})
-    for k, g in grads[0].items():
-        assert float((g - grads[1][k]).norm()) <= 1e-5 * float(g.norm()), k
+    assert grads[0].keys() == grads[1].keys()
+    assert _norm_rel(grads[1], grads[0]) <= 1e-12  # (time_emb_proj gradients are ~1e-18: compare globally)
+
+
+def test_gradient_checkpointing_with_dropout_trains(tiny_pipes):
+    pipe = tiny_pipes("sd1")
+    pipe.unet.requires_grad_(False)
+    net = randomise_network(lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4, dropout=0.3)), std=0.05)
+    pipe.unet.enable_gradient_checkpointing()
+    pipe.unet.train()
+    net.train()
+    for _ in range(2):  # the recomputed regions redraw the masks their forward drew (checkpoint restores RNG)
+        _loss(pipe).backward()
+    assert all(torch.isfinite(layer.oft_blocks.grad).all() for _, layer in net.items("unet"))
