@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from .base_model import BaseModel, WeightSlot, family_of_adapter, open_base
-from .formats.atomic import atomic_write, refuse_overwrite, same_file
+from .formats.atomic import atomic_directory, atomic_write, refuse_overwrite, same_file
 from .formats.errors import AdapterFileError
 from .formats.lycoris import ModuleSpec, layer_from_spec, read_adapter
 from .formats.peft import is_peft_tensors
@@ -336,10 +335,8 @@ def _write_single(base: BaseModel, out: Path, ops, out_dtype, adapters, verify: 
 
 def _write_diffusers(base: BaseModel, out: Path, ops, out_dtype, verify: int, report) -> None:
     root = Path(base.path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     rewritten: dict[str, str] = {}
-    try:
+    with atomic_directory(out) as tmp:
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root)
             target = tmp / rel
@@ -359,16 +356,6 @@ def _write_diffusers(base: BaseModel, out: Path, ops, out_dtype, verify: int, re
             _fix_index_sizes(tmp)
         if verify:
             _verify(rewritten, ops, verify, report)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _fix_index_sizes(root: Path) -> None:

@@ -145,3 +145,69 @@ def test_stale_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_
     umask = os.umask(0)
     os.umask(umask)
     assert (target.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_a_killed_diffusers_merge_leaves_a_temporary_folder_that_the_next_merge_removes(inputs, tmp_path):
+    """SIGKILL during a merge into a diffusers folder leaves `.<out>.<random>.tmp/`, as large as the model.
+    The next merge (or `save_diffusers`) to that output removes it, once no live process holds it locked;
+    a folder a live writer holds, and another output's, are kept."""
+    import fcntl
+
+    from lycoft.formats.atomic import remove_stale_dirs
+
+    base = write_base("sd1", "diffusers", tmp_path / "base")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    out = outs / "merged"
+    cmd = [str(REPO / "tools" / "merge.py"), "--base", str(base), "--adapter", str(inputs["adapter"]),
+           "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, str(driver), *cmd], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=env(), cwd=tmp_path)
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:
+        seen += line.startswith("@@tensor")
+        if seen == 20:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stderr.close()
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, f"merge ended by itself after {seen} tensors"
+    [left] = list(outs.iterdir())
+    assert left.is_dir() and left.name.startswith(".merged.") and left.name.endswith(".tmp"), left.name
+    assert any(left.rglob("*.safetensors")), "the killed merge had not written anything yet"
+    # Another writer's folder in progress (locked), and another output's leftover: not ours to remove.
+    held = outs / ".merged.abcd1234.tmp"
+    other = outs / ".other.abcd1234.tmp"
+    for folder in (held, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    for folder in (left, held, other):
+        os.utime(folder, (hour_ago, hour_ago))
+    fd = os.open(held, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        report = merge_adapters(base, [str(inputs["adapter"])], out)
+    finally:
+        os.close(fd)
+    assert report.patched_tensors > 0
+    assert sorted(p.name for p in outs.iterdir()) == sorted([".merged.abcd1234.tmp", ".other.abcd1234.tmp", "merged"])
+    expected = tmp_path / "reference"
+    merge_adapters(base, [str(inputs["adapter"])], expected)
+    files = sorted(p.relative_to(expected) for p in expected.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for rel in files:
+        if rel.suffix == ".safetensors":
+            assert digest(out / rel) == digest(expected / rel), rel
+    # Killed between its two renames, a writer leaves the previous output only in `.old/x`: it is put back.
+    # (`held`, no longer locked, goes too.)
+    aside = outs / ".merged.zzzz9999.old"
+    (outs / "merged").rename(outs / "moved")
+    aside.mkdir()
+    (outs / "moved").rename(aside / "x")
+    os.utime(aside, (hour_ago, hour_ago))
+    assert remove_stale_dirs(out) == [held, aside]
+    assert digest(out / files[-1]) == digest(expected / files[-1]) and not aside.exists()

@@ -666,7 +666,9 @@ def test_sd1_style_lightning_checkpoint_loads_without_allow_pickle(tmp_path, mon
     assert torch.equal(loaded["model.diffusion_model.w"], sd["model.diffusion_model.w"])
 
 
-@pytest.mark.parametrize("content", [b"", b"hello world\n", b"PK\x03\x04garbage" * 10, b"\x80\x02}q\x00(X"])
+# the last: a zip64 end locator claiming two disks, on which `zipfile.is_zipfile` itself raises
+@pytest.mark.parametrize("content", [b"", b"hello world\n", b"PK\x03\x04garbage" * 10, b"\x80\x02}q\x00(X",
+                                     struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2) + b"PK\x05\x06" + bytes(18)])
 def test_damaged_checkpoint_is_a_file_error_not_an_unsafe_one(content, tmp_path):
     path = tmp_path / "bad.ckpt"
     path.write_bytes(content)

@@ -158,16 +158,45 @@ def test_resume_continues_the_uninterrupted_run(toy, tmp_path):
     state_dir = tmp_path / "full" / "last-step00000003-state"
     saved = json.loads((state_dir / "train_state.json").read_text())
     assert (saved["global_step"], saved["epoch"], saved["step_in_epoch"]) == (3, 1, 1)
+    # the LR schedule is not pickled into the state (it is rebuilt from the step counter)
+    assert not list(state_dir.glob("custom_checkpoint_*"))
     resumed = run(toy, tmp_path / "resumed", resume=state_dir, **common)
     assert (resumed.state.global_step, resumed.state.epoch, resumed.state.step_in_epoch) == \
         (full.state.global_step, full.state.epoch, full.state.step_in_epoch) == (5, 2, 1)
-    # Same data, noise and LR for steps 4-5: the losses agree to float32 rounding ...
+    # Exactly the uninterrupted run's learning rates (warmup and cosine both depend on the step) ...
+    assert len(set(full.learning_rates)) == 5
+    assert resumed.learning_rates == full.learning_rates[3:]
+    # ... same data and noise for steps 4-5: the losses agree to float32 rounding ...
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-5)
     a, b = load_file(full.adapter), load_file(resumed.adapter)
     # ... and so do the adapters. The only difference is the Cayley solve's warm start (the previous
     # step's rotation, absent right after a resume), a float32-rounding effect: measured 4e-4 relative.
     assert _rel(a, b) < 5e-3
     assert metadata(resumed.adapter)["ss_steps"] == "5" and metadata(resumed.adapter)["ss_epoch"] == "2"
+
+
+def test_resume_from_a_state_folder_with_a_pickled_lr_scheduler(toy, tmp_path):
+    """State folders of older versions carry the LR scheduler as accelerate's `custom_checkpoint_0.pkl`; a
+    LambdaLR's state is numbers only, so it loads weights-only (and is superseded by the step counter)."""
+    import shutil
+
+    from diffusers.optimization import get_scheduler
+
+    common = dict(max_train_steps=3, lr_scheduler="linear", lr_warmup_steps=1, network_args=["preset=attn-only"])
+    full = run(toy, tmp_path / "full", save_every_n_steps=2, save_state="true", **common)
+    old = tmp_path / "old-state"
+    shutil.copytree(tmp_path / "full" / "last-step00000002-state", old)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=3)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    torch.save(scheduler.state_dict(), old / "custom_checkpoint_0.pkl")
+    resumed = run(toy, tmp_path / "resumed", resume=old, save_state="true", **common)
+    assert resumed.state.global_step == 3
+    assert resumed.learning_rates == full.learning_rates[2:]
+    assert resumed.losses == pytest.approx(full.losses[2:], rel=1e-5)
+    assert not list((tmp_path / "resumed" / "last-state").glob("custom_checkpoint_*"))
 
 
 def test_nonfinite_loss_stops_with_the_state_before_it(toy, tmp_path, monkeypatch, capsys):

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from ..formats import load_torch_checkpoint, read_safetensors_header, save_safetensors_atomic
+from ..formats.atomic import atomic_directory
 from .bundled import bundled_config_dir, load_component_config
 from .families import (
     CLIP,
@@ -354,18 +354,6 @@ def save_diffusers(pipe: Any, directory: str | os.PathLike) -> Path:
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is not a folder; choose another output path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target

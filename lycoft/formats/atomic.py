@@ -3,18 +3,29 @@
 A merge that dies while writing a 6 GB checkpoint must leave either the old file or the new one, never a
 truncated mix that loads as garbage later. The recipe: write a temporary file next to the target (same
 directory, hence same filesystem, so the final rename is atomic), fsync it, `os.replace` it onto the
-target, fsync the directory so the rename itself survives a power cut.
+target, fsync the directory so the rename itself survives a power cut. A folder output (a diffusers
+model) is written the same way: `atomic_directory` fills a temporary folder next to the target and swaps
+it into place when complete.
+
+A writer killed with SIGKILL leaves its hidden temporary behind; the next write to the same target removes
+it (only temporaries no live process holds locked, so a concurrent writer is never disturbed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
+import shutil
 import stat
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+log = logging.getLogger("lycoft")
 
 # Room for the `.` prefix and `.<random>.tmp` suffix inside the usual 255-byte file-name limit.
 _MAX_NAME_STEM = 200
@@ -169,6 +180,95 @@ def atomic_write(path: str | os.PathLike[str], write_fn: Callable[[Path], object
             os.close(lock_fd)
     _fsync_dir(directory)
     return target
+
+
+# tempfile.mkdtemp's random part: 8 characters of this alphabet
+_MKDTEMP_RANDOM = "[a-z0-9_]{8}"
+
+
+def _dir_temp_prefix(target: Path) -> str:
+    return f".{target.name[:_MAX_NAME_STEM]}."
+
+
+def _locked_dir_temp(target: Path, suffix: str) -> tuple[Path, int | None]:
+    """A new empty folder `.<name>.<random><suffix>` next to `target`, and a descriptor holding its lock."""
+    tmp = Path(tempfile.mkdtemp(prefix=_dir_temp_prefix(target), suffix=suffix, dir=target.parent))
+    fd = os.open(tmp, os.O_RDONLY) if fcntl is not None else None
+    if fd is not None:
+        _lock(fd)
+    return tmp, fd
+
+
+def remove_stale_dirs(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary folders of folder output `path` that a killed writer left: ``.<name>.<random>.tmp``
+    (the new folder being written) and ``.<name>.<random>.old`` (the replaced folder, for the moment between
+    the two renames of `atomic_directory`). Only unlocked ones over a minute old: a live writer holds its
+    folders locked. An ``.old`` holding the only copy of the output (the writer died between the renames) is
+    moved back to `path` rather than deleted. Returns the folders removed."""
+    target = Path(path)
+    pattern = re.compile(re.escape(_dir_temp_prefix(target)) + _MKDTEMP_RANDOM + r"\.(tmp|old)")
+    removed: list[Path] = []
+    if fcntl is None or not target.parent.is_dir():
+        return removed
+    now = time.time()
+    for entry in sorted(target.parent.iterdir()):
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_dir() or now - entry.stat().st_mtime < _STALE_AFTER_S:
+                continue
+            fd = os.open(entry, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _lock(fd):
+                continue
+            if entry.name.endswith(".old") and (entry / "x").is_dir() and not os.path.lexists(target):
+                os.replace(entry / "x", target)
+                log.warning("lycoft: restored %s from %s, left by an interrupted write", target, entry.name)
+            shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        removed.append(entry)
+        log.warning("lycoft: removed %s, left by an interrupted write of %s", entry, target.name)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create or replace the folder `path` atomically with what the ``with`` body writes into the yielded one.
+
+    The body fills an empty temporary folder ``.<name>.<random>.tmp`` next to `path`; when it returns, the
+    folder is renamed onto `path` (an existing `path` is first moved aside to ``.<name>.<random>.old/x`` and
+    deleted after the swap). If the body raises, the temporary folder is deleted and `path` is untouched.
+    Both temporaries are locked while they exist, and the stale ones of killed writers are removed first
+    (`remove_stale_dirs`)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        remove_stale_dirs(target)
+    tmp, tmp_fd = _locked_dir_temp(target, ".tmp")
+    try:
+        yield tmp
+        if target.exists():
+            old, old_fd = _locked_dir_temp(target, ".old")
+            try:
+                os.replace(target, old / "x")
+                os.replace(tmp, target)
+                shutil.rmtree(old)
+            finally:
+                if old_fd is not None:
+                    os.close(old_fd)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp_fd is not None:
+            os.close(tmp_fd)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    _fsync_dir(target.parent)
 
 
 def refuse_overwrite(path: str | os.PathLike[str], force: bool) -> None:

@@ -175,7 +175,10 @@ def load_torch_checkpoint(
     if st.st_size == 0:
         raise AdapterFileError(p, "the file is empty", FIX_TRUNCATED)
     # mmap needs the zip format; legacy (torch < 1.6) pickles are read into memory.
-    is_zip = zipfile.is_zipfile(p)
+    try:
+        is_zip = zipfile.is_zipfile(p)
+    except zipfile.BadZipFile as e:  # is_zipfile itself raises on some damaged end records (found by fuzzing)
+        raise AdapterFileError(p, f"is not a readable PyTorch checkpoint ({_first_line(e)})", FIX_TRUNCATED) from e
     if allow_pickle:
         logger.warning(
             "%s: loading with full unpickling (allow_pickle): this runs any code stored in the file; "

@@ -311,8 +311,9 @@ class TrainConfig:
         False, "Save the full training state (optimizer, scheduler, RNG, step) with each adapter so "
         "--resume can continue exactly; several times the adapter's size.", group="saving")
     resume: str | None = flag(
-        None, "Continue from a state folder written by --save_state (step and epoch carry over).",
-        group="saving")
+        None, "Continue from a state folder written by --save_state (step and epoch carry over); 'auto': "
+        "from the newest state of --output_name in --output_dir (by step), or from scratch if there is none, "
+        "for restart-until-done loops.", group="saving")
 
     # --- sampling ---
     sample_prompts: str | None = flag(
@@ -914,8 +915,9 @@ def validate(cfg: TrainConfig) -> None:
         p.append("--save_last_n_epochs needs --save_every_n_epochs (there are no epoch saves to prune)")
     if not cfg.output_name or any(c in cfg.output_name for c in "/\\"):
         p.append(f"--output_name {cfg.output_name!r} must be a plain file name; put folders in --output_dir")
-    if cfg.resume and not Path(cfg.resume).is_dir():
-        p.append(f"--resume {cfg.resume!r} is not a folder; give a state folder written by --save_state")
+    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_dir():
+        p.append(f"--resume {cfg.resume!r} is not a folder; give a state folder written by --save_state, or "
+                 "'auto' for the newest one in --output_dir")
     wants_samples = cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first
     if wants_samples and not cfg.sample_prompts:
         p.append("sampling is requested (--sample_every_n_* or --sample_at_first) but --sample_prompts "

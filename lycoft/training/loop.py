@@ -53,6 +53,7 @@ class TrainResult:
     losses: list[float]  # per optimizer step, mean over processes
     output_dir: Path
     files: list[Path] = field(default_factory=list)
+    learning_rates: list[tuple[float, ...]] = field(default_factory=list)  # per optimizer step, per param group
     skipped_images: int = 0
     network: Any = None
     models: Any = None
@@ -271,10 +272,28 @@ def check_before_model(cfg: TrainConfig, family: str | None):
     return dataset, prompts
 
 
+def _resolve_auto_resume(cfg: TrainConfig) -> TrainConfig:
+    """``--resume auto``: the newest state folder of this ``--output_name`` in ``--output_dir``, or a fresh
+    start when there is none (what a crash-restart loop wants). Every rank looks at the same folder before
+    anything is written to it, so all agree."""
+    from lycoft.training.saving import newest_state
+
+    found = newest_state(cfg.output_dir, cfg.output_name)
+    if found is None:
+        logger.info("--resume auto: no training state of %r in %s; starting from scratch", cfg.output_name,
+                    cfg.output_dir)
+        return cfg.replace(resume=None)
+    folder, state = found
+    logger.info("--resume auto: the newest training state is %s (step %d)", folder, state.global_step)
+    return cfg.replace(resume=str(folder))
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the training `cfg` describes; see the module docstring for the order of things."""
     from lycoft.training import tracking
 
+    if cfg.resume == "auto":
+        cfg = _resolve_auto_resume(cfg)
     if cfg.resume and cfg.seed is None:
         from lycoft.training.saving import TrainState
 
@@ -366,8 +385,7 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.full_fp16:
         _patch_scaler_for_fp16_params(accelerator)
-    lr_scheduler = build_lr_scheduler(cfg, optimizer, total_steps)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     state = TrainState(seed=seed, num_processes=world)
@@ -380,6 +398,9 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
         if main:
             logger.info("resumed from %s at step %d (epoch %d, step %d of it)", cfg.resume, state.global_step,
                         state.epoch, state.step_in_epoch)
+    # Not checkpointed (accelerate would pickle it and unpickle it with code execution allowed): the schedule
+    # is a function of the step count, so it is built at the resumed step from this run's learning rates.
+    lr_scheduler = build_lr_scheduler(cfg, optimizer, total_steps, base_lrs=base_lrs, step=state.global_step)
 
     base_md = training_metadata(cfg, dataset=dataset, family=family, num_processes=world,
                                 batches_per_epoch=len(dataset.batch_sampler()), num_epochs=num_epochs,
@@ -463,6 +484,7 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
     if cfg.sample_at_first and prompts and state.global_step == 0:
         sample(f"{0:06d}")
     losses: list[float] = []
+    learning_rates: list[tuple[float, ...]] = []
     epoch_loss: list[float] = []
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not main, desc="steps",
                     dynamic_ncols=True, smoothing=0.1)
@@ -523,6 +545,7 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
                         f"{state.global_step + 1} (epoch {state.epoch + 1}); training stopped. The state "
                         f"before this step is in {where} (resume with --resume {where}). Lower "
                         "--learning_rate, set --max_grad_norm, or pass --skip_nonfinite to skip such steps")
+            learning_rates.append(tuple(g["lr"] for g in optimizer.param_groups))
             if not bad_step:
                 if cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -574,7 +597,8 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
         logger.warning("%d step(s) were skipped for a non-finite loss", state.nonfinite_skipped)
     if main:
         logger.info("done: %d step(s), %d epoch(s); adapter %s", state.global_step, state.epoch, adapter)
-    return TrainResult(adapter=adapter, state=state, losses=losses, output_dir=output_dir,
+    return TrainResult(adapter=adapter, state=state, losses=losses, learning_rates=learning_rates,
+                       output_dir=output_dir,
                        files=list(saver.written), skipped_images=dataset.num_skipped, network=network,
                        models=models)
 
@@ -601,7 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_args(argv)
         train(cfg)
     except (ConfigError, NonFiniteLossError, SaveError) as e:
-        if main_process:  # every rank hits the same error; one copy is enough
+        if main_process:  # every rank hits the same error; one copy is enough ...
             print(f"error: {e}", file=sys.stderr)
+        elif isinstance(e, SaveError):  # ... except a failed save, whose cause only the failing rank knows
+            print(f"error (process {os.environ.get('RANK')}): {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 3 if isinstance(e, NonFiniteLossError) else 4
     return 0

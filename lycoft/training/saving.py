@@ -2,14 +2,21 @@
 
 Names follow kohya: ``<name>.safetensors`` (final), ``<name>-step00000100.safetensors`` (every N steps),
 ``<name>-000002.safetensors`` (after epoch 2); a training state sits next to its adapter as
-``<same stem>-state/``: accelerate's checkpoint (adapter weights, optimizer, LR schedule, RNG) plus
-``train_state.json`` with the step and epoch counters.
+``<same stem>-state/``: accelerate's checkpoint (adapter weights, optimizer, RNG) plus
+``train_state.json`` with the step and epoch counters. The LR schedule is not in the checkpoint: it is
+a function of the step count, rebuilt from ``train_state.json`` on resume.
 
-Only the main process writes adapter files. A state save is collective (every rank writes its RNG
-state), so every rank must call `Saver.save_state` at the same point. Adapter files are replaced
-atomically; a state folder is written under a temporary name and renamed when complete, so a crash
-never leaves a half-written file or folder under a real name. Pruning runs only after the new file
+Only the main process writes adapter files, but every rank calls `Saver.save_adapter` and
+`Saver.save_state` at the same point: a state save is collective (every rank writes its RNG state), and
+after each save the ranks agree on its success, so a write that fails on one rank stops every rank with
+a `SaveError` instead of leaving the others waiting forever in the next collective call. Adapter files are
+replaced atomically; a state folder is written under a temporary name and renamed when complete, so a
+crash never leaves a half-written file or folder under a real name. Pruning runs only after the new file
 is in place and never touches the one just written.
+
+Resuming loads nothing that can run code: every pickle accelerate reads from a state folder is loaded
+weights-only (tensors, numbers, strings and containers of them), and a folder holding anything else is
+refused with a `ConfigError`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable, Mapping
@@ -62,10 +70,13 @@ class TrainState:
         except FileNotFoundError:
             raise ConfigError(f"--resume {folder}: no {STATE_FILE} in it; give a state folder written by "
                               "--save_state (named '<output_name>...-state')") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"--resume {folder}: {STATE_FILE} is damaged ({e})") from None
         known = {f.name for f in fields(cls)}
-        return cls(**{k: int(v) for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: int(v) for k, v in data.items() if k in known})
+        except (AttributeError, TypeError, ValueError) as e:  # not an object of integers
+            raise ConfigError(f"--resume {folder}: {STATE_FILE} is damaged ({e})") from None
 
 
 def adapter_stem(output_name: str, *, step: int | None = None, epoch: int | None = None) -> str:
@@ -79,6 +90,32 @@ def adapter_stem(output_name: str, *, step: int | None = None, epoch: int | None
 
 def state_name(stem: str) -> str:
     return f"{stem}-state"
+
+
+def newest_state(output_dir: str | Path, output_name: str) -> tuple[Path, TrainState] | None:
+    """The state folder of `output_name` in `output_dir` with the most steps done (``--resume auto``).
+
+    Looks at ``<name>-state``, ``<name>-stepNNNNNNNN-state`` and ``<name>-NNNNNN-state`` and orders them by
+    the step counter in their ``train_state.json``, not by name. Hidden temporaries of an interrupted save
+    (``.<...>.partial``, ``.<...>.old``) are never candidates; a folder whose counters cannot be read is
+    skipped with a warning. None when there is no usable state folder."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    pattern = re.compile(re.escape(output_name) + r"(-step\d{8}|-\d{6})?-state")
+    best: tuple[int, str, Path, TrainState] | None = None
+    for entry in folder.iterdir():
+        if not pattern.fullmatch(entry.name) or not entry.is_dir():
+            continue
+        try:
+            state = TrainState.read(entry)
+        except (ConfigError, OSError) as e:
+            logger.warning("--resume auto: skipping %s, its %s cannot be read (%s)", entry, STATE_FILE, e)
+            continue
+        key = (state.global_step, entry.name)
+        if best is None or key > best[:2]:
+            best = (*key, entry, state)
+    return None if best is None else (best[2], best[3])
 
 
 class SaveError(RuntimeError):
@@ -137,20 +174,51 @@ class Saver:
                          f"written before are intact: {where}. Free space in {self.output_dir} or choose "
                          "another --output_dir")
 
+    def _settle(self, error: BaseException | None, path: Path, step: int,
+                cleanup: Callable[[], None] | None = None) -> None:
+        """Raise on every rank if the save step just done failed on any rank; return if it worked everywhere.
+
+        With several processes this is a collective call (one small gather, which also acts as the barrier
+        between save steps); a single process pays nothing. The rank that failed raises its own error
+        (a `SaveError` for a write failure); the others raise a `SaveError` naming that rank and `path`.
+        `cleanup` runs on the main process before raising."""
+        acc = self.accelerator
+        failed = [0] if error is not None else []
+        if getattr(acc, "num_processes", 1) > 1:
+            flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=acc.device)
+            failed = [rank for rank, f in enumerate(acc.gather(flag).tolist()) if f]
+        if not failed:
+            return
+        if cleanup is not None and acc.is_main_process:
+            with contextlib.suppress(OSError):
+                cleanup()
+        if error is not None:
+            if isinstance(error, (*_write_errors(), RuntimeError)) and not isinstance(error, SaveError):
+                # torch.save reports a full disk as a bare RuntimeError
+                raise self._failed(path, step, error) from error
+            raise error
+        ranks = ", ".join(str(r) for r in failed)
+        raise SaveError(f"process {ranks} could not write {path} at step {step} (that process reports the cause); "
+                        "training stopped on every process and the files written before are intact")
+
     # -- adapter files ---------------------------------------------------------------------------
     def save_adapter(self, network: Any, stem: str, *, step: int, epoch: int) -> Path | None:
-        """Write ``<stem>.safetensors`` (main process; other ranks return None at once)."""
-        if not self.accelerator.is_main_process:
-            return None
+        """Write ``<stem>.safetensors`` on the main process (every rank calls this; the others return None
+        once the main process has written the file, or raise `SaveError` if it failed)."""
         from lycoft.formats.lycoris import save_network
 
         path = self.output_dir / f"{stem}.safetensors"
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_network(network, str(path), metadata=dict(self.metadata(step, epoch)), dtype=self.dtype,
-                         output_name=stem, v_prediction=self.v_prediction)
-        except _write_errors() as e:
-            raise self._failed(path, step, e) from e
+        error: BaseException | None = None
+        if self.accelerator.is_main_process:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                save_network(network, str(path), metadata=dict(self.metadata(step, epoch)), dtype=self.dtype,
+                             output_name=stem, v_prediction=self.v_prediction)
+            except Exception as e:  # any failure: the other ranks must hear of it (see `_settle`)
+                error = e
+        self._settle(error, path, step)
+        if not self.accelerator.is_main_process:
+            return None
         self.written.append(path)
         logger.info("saved adapter %s (step %d)", path, step)
         return path
@@ -161,24 +229,34 @@ class Saver:
         acc = self.accelerator
         final = self.output_dir / state_name(stem)
         partial = self.output_dir / f".{final.name}.partial"
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+        step = state.global_step
+
+        def give_back() -> None:  # the space of the partial folder; the previous states are untouched
             shutil.rmtree(partial, ignore_errors=True)
-        acc.wait_for_everyone()
+
+        error: BaseException | None = None
+        if acc.is_main_process:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(partial, ignore_errors=True)
+            except Exception as e:
+                error = e
+        self._settle(error, final, step)  # also the barrier: `partial` is clean before anyone writes to it
         try:
             acc.save_state(str(partial))
-            acc.wait_for_everyone()
-            if acc.is_main_process:
+        except Exception as e:
+            error = e
+        self._settle(error, final, step, give_back)
+        if acc.is_main_process:
+            try:
                 state.write(partial)
                 _replace_dir(partial, final)
-        except (*_write_errors(), RuntimeError) as e:  # torch.save raises RuntimeError on a full disk
-            if acc.is_main_process:  # give the space back; the previous states are untouched
-                shutil.rmtree(partial, ignore_errors=True)
-            raise self._failed(final, state.global_step, e) from e
+            except Exception as e:
+                error = e
+        self._settle(error, final, step, give_back)
         if acc.is_main_process:
-            logger.info("saved training state %s (step %d)", final, state.global_step)
+            logger.info("saved training state %s (step %d)", final, step)
         self.last_state = final
-        acc.wait_for_everyone()
         return final
 
     # -- leftovers of a killed run ---------------------------------------------------------------
@@ -247,16 +325,96 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_OLD_SCHEDULER_FILE = re.compile(r"custom_checkpoint_\d+\.pkl")
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Make every `torch.load` in this block weights-only, whatever its caller passes.
+
+    torch reads ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` at each call and lets it override an explicit
+    ``weights_only=False`` (accelerate passes that for registered objects); the previous environment is
+    restored afterwards."""
+    saved = {k: os.environ.get(k) for k in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    os.environ.pop(_FORCE_NO_WEIGHTS_ONLY, None)  # both set is an error in torch
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _Discard:
+    """Stands in for the LR scheduler that state folders of older lycoft versions carry as
+    ``custom_checkpoint_0.pkl``: accelerate insists on one registered object per such file. Its content is
+    loaded (weights-only) and dropped; the schedule is rebuilt from the step counter."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
+def _refused(folder: Path, file: Path | None) -> ConfigError:
+    what = f"{file.name} in it" if file is not None else "one of its files"
+    return ConfigError(f"--resume {folder}: refused to load {what}: the state folder contains pickled objects "
+                       "that are not plain tensors or numbers, and loading them could run code. Resume only from "
+                       "state folders your own runs wrote, or start over")
+
+
+def _weights_only_refuses(path: Path) -> bool:
+    """Whether a weights-only load (accelerate's, with its numpy allowances) refuses `path`."""
+    from accelerate.utils import load
+
+    try:
+        with weights_only_loads():
+            load(str(path), map_location="cpu")
+    except pickle.UnpicklingError:
+        return True
+    except Exception:  # damaged in another way: accelerate reports it (or skips it, as it does RNG states)
+        return False
+    return False
+
+
 def load_state(accelerator: Any, folder: str | Path, *, num_processes: int) -> TrainState:
-    """Restore accelerate's checkpoint from `folder` and return its counters (collective)."""
+    """Restore accelerate's checkpoint from `folder` and return its counters (collective).
+
+    Every pickle in the folder is loaded weights-only; one that needs arbitrary Python objects is
+    refused with a `ConfigError` naming the file."""
+    folder = Path(folder)
     state = TrainState.read(folder)
     if state.num_processes != num_processes:
         logger.warning("--resume %s was saved by %d processes, this run has %d: the data order of the "
                        "remaining steps differs from an uninterrupted run", folder, state.num_processes,
                        num_processes)
-    try:
-        accelerator.load_state(str(folder))
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"--resume {folder} does not fit this run's adapter or optimizer ({e}); resume "
-                          "with the same --network_args, --optimizer_type and model") from None
+    # accelerate swallows any error loading the RNG state (and goes on without it): check it first, so that a
+    # tampered file is reported rather than silently skipped.
+    rng = folder / f"random_states_{accelerator.process_index}.pkl"
+    if rng.is_file() and _weights_only_refuses(rng):
+        raise _refused(folder, rng)
+    sinks = [_Discard() for f in os.listdir(folder) if _OLD_SCHEDULER_FILE.fullmatch(f)]
+    if sinks:
+        accelerator.register_for_checkpointing(*sinks)
+    with weights_only_loads():
+        try:
+            accelerator.load_state(str(folder))
+        except pickle.UnpicklingError:
+            bad = next((f for f in sorted(folder.iterdir())
+                        if f.suffix in (".bin", ".pkl") and f.is_file() and _weights_only_refuses(f)), None)
+            raise _refused(folder, bad) from None
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(f"--resume {folder} does not fit this run's adapter or optimizer ({e}); resume "
+                              "with the same --network_args, --optimizer_type and model") from None
+        finally:
+            registered = getattr(accelerator, "_custom_objects", [])
+            for sink in sinks:  # later saves must not write them (a private list: accelerate has no API)
+                with contextlib.suppress(ValueError):
+                    registered.remove(sink)
     return state

@@ -1,20 +1,32 @@
 """`--lr_scheduler` -> a LambdaLR over the optimizer, stepped once per optimizer step.
 
-The schedule is a pure function of the step count, so restoring its ``last_epoch`` (accelerate
-checkpoints it) continues the exact learning rate after ``--resume``.
+The schedule is a pure function of the step count, so it is not checkpointed: on ``--resume`` it is
+built directly at the resumed step and continues with exactly the learning rate of the uninterrupted run.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from lycoft.training.config import TrainConfig
 
 
-def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """diffusers' schedule of that name with ``--lr_warmup_steps`` (steps or a fraction of `total_steps`)."""
+def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, *,
+                       base_lrs: Sequence[float] | None = None, step: int = 0):
+    """diffusers' schedule of that name with ``--lr_warmup_steps`` (steps or a fraction of `total_steps`).
+
+    `step` > 0 (a resumed run) sets each param group's learning rate to the schedule's value after `step`
+    optimizer steps from `base_lrs` (the run's configured rates, one per group; default: the groups'
+    current ``lr``), as if the schedule had been stepped `step` times."""
     from diffusers.optimization import get_scheduler
 
+    if step:
+        # torch's schedulers start from each group's `initial_lr` when created at a later step
+        for group, lr in zip(optimizer.param_groups, base_lrs or [g["lr"] for g in optimizer.param_groups],
+                             strict=True):
+            group["initial_lr"] = lr
     return get_scheduler(
         cfg.lr_scheduler,
         optimizer,
@@ -22,4 +34,5 @@ def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total
         num_training_steps=total_steps,
         num_cycles=cfg.lr_scheduler_num_cycles,
         power=cfg.lr_scheduler_power,
+        last_epoch=step - 1,
     )
