@@ -57,8 +57,9 @@ class _Built:
 
     def __init__(self) -> None:
         self.consumed = False
-        # id(layer) -> (layer, R slice, version key, settings)
-        self.slices: dict[int, tuple[OFTLayer, Tensor, tuple, tuple]] = {}
+        # id(layer) -> (layer, its blocks, R slice, version key, settings); holding the blocks keeps their
+        # id and memory from being reused by a replacement parameter (load_state_dict(assign=True))
+        self.slices: dict[int, tuple[OFTLayer, Tensor, Tensor, tuple, tuple]] = {}
 
     def mark_consumed(self, grad: Tensor) -> None:
         self.consumed = True
@@ -110,9 +111,9 @@ class RotationCache:
         if built is None or built.consumed:
             return None
         entry = built.slices.get(id(layer))
-        if entry is None or entry[0] is not layer:
+        if entry is None or entry[0] is not layer or entry[1] is not layer.oft_blocks:
             return None
-        _, R, version, settings = entry
+        _, _, R, version, settings = entry
         if version != layer.rotation_version() or settings != layer.rotation_settings():
             return None
         return R
@@ -138,7 +139,7 @@ class RotationCache:
                 if with_grad and R.requires_grad:
                     R.register_hook(built.mark_consumed)
                 for layer, piece in zip(layers, R.split([f.shape[0] for f in flat])):
-                    built.slices[id(layer)] = (layer, piece.view(layer.oft_blocks.shape),
+                    built.slices[id(layer)] = (layer, layer.oft_blocks, piece.view(layer.oft_blocks.shape),
                                                layer.rotation_version(), layer.rotation_settings())
         self.builds += 1
         return built

@@ -236,3 +236,20 @@ def test_gradient_checkpointing_with_dropout_trains(tiny_pipes):
     for _ in range(2):  # the recomputed regions redraw the masks their forward drew (checkpoint restores RNG)
         _loss(pipe).backward()
     assert all(torch.isfinite(layer.oft_blocks.grad).all() for _, layer in net.items("unet"))
+
+
+def test_a_replaced_parameter_is_seen(tiny_pipes):
+    """load_state_dict(assign=True) swaps in new Parameter objects (version 0 again): never a stale hit."""
+    pipe = tiny_pipes("sd1")
+    net = lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4))
+    with torch.no_grad():
+        base = run_unet(pipe)  # identity rotations cached
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        g = torch.Generator().manual_seed(0)
+        for k in state:
+            if k.endswith("oft_blocks"):
+                state[k] = torch.randn(state[k].shape, generator=g) * 0.05
+        net.load_state_dict(state, assign=True)
+        adapted = run_unet(pipe)
+        _uncached(net)
+        assert rel(adapted, run_unet(pipe)) <= 1e-4 and rel(adapted, base) > 1e-3
