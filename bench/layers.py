@@ -14,6 +14,7 @@ See bench/README.md for what each column means.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import multiprocessing as mp
@@ -714,9 +715,12 @@ def main(argv: list[str] | None = None) -> int:
     load1 = os.getloadavg()
 
     versions = []
-    for mod in ("peft", "lycoris"):
-        if mod in sys.modules:
-            versions.append(f"{mod} {getattr(sys.modules[mod], '__version__', '?')}")
+    for mod, dist in (("peft", "peft"), ("lycoris", "lycoris-lora")):
+        if mod in sys.modules:  # lycoris has no __version__: ask the installed distribution
+            try:
+                versions.append(f"{mod} {importlib.metadata.version(dist)}")
+            except importlib.metadata.PackageNotFoundError:
+                versions.append(f"{mod} {getattr(sys.modules[mod], '__version__', '?')}")
     meta = {
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + " by `python bench/layers.py "
         + " ".join(sys.argv[1:] if argv is None else argv) + "`",
