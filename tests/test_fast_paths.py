@@ -74,23 +74,20 @@ def test_blockdiag_double_backward():
 
 @pytest.mark.parametrize("std", [0.0, 1e-3, 0.02, 0.1, 0.5])
 @pytest.mark.parametrize("shape", [(10, 32, 32), (80, 8, 8), (3, 2, 16, 16)])
-def test_float32_cayley_equals_float64_lapack_with_and_without_guess(std, shape):
+def test_float32_cayley_equals_float64_lapack(std, shape):
+    """Whether a block is refined by Newton-Schulz or inverted by LU, it matches float64 LAPACK."""
     torch.manual_seed(0)
     A = torch.randn(shape, dtype=torch.float64) * std
     ref = cayley(skew(A))  # float64: LAPACK
-    Q32 = skew(A.float())
-    guess = cayley(Q32 + 1e-3 * skew(torch.randn(shape)))  # a nearby earlier rotation
-    for R in (cayley(Q32), cayley(Q32, guess=guess), cayley(Q32, guess=cayley(-Q32))):  # last: a poor start
-        assert R.dtype == torch.float32
-        assert torch.allclose(R.double(), ref, atol=2e-6)
-        assert orthogonality_error(R) <= 1e-5
+    R = cayley(skew(A.float()))
+    assert R.dtype == torch.float32
+    assert torch.allclose(R.double(), ref, atol=2e-6)
+    assert orthogonality_error(R) <= 1e-5
 
 
-def test_zero_blocks_are_identity_from_a_guess_and_exact_without():
+def test_zero_blocks_are_exactly_identity():
     Q = skew(torch.randn(6, 8, 8) * 0.05)
     Q[2] = 0
-    R = cayley(Q, guess=cayley(skew(torch.randn(6, 8, 8) * 0.05)))
-    assert torch.allclose(R[2], torch.eye(8), atol=1e-6)
     assert torch.equal(cayley(Q)[2], torch.eye(8))
 
 
@@ -99,7 +96,7 @@ def test_float32_cayley_gradient_matches_float64_reference():
     A = (torch.randn(5, 8, 8) * 0.1).requires_grad_()
     A64 = A.detach().double().requires_grad_()
     G = torch.randn(5, 8, 8)
-    (cayley(skew(A), guess=cayley(skew(A.detach() * 0.9))) * G).sum().backward()
+    (cayley(skew(A)) * G).sum().backward()
     I = torch.eye(8, dtype=torch.float64)
     Q = skew(A64)
     ((I + Q) @ torch.linalg.inv(I - Q) * G.double()).sum().backward()

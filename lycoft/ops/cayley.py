@@ -109,26 +109,21 @@ def _refine(A: Tensor, X: Tensor, E: Tensor, r: float) -> Tensor:
     return X
 
 
-def _inverse_of_i_minus(Q: Tensor, guess: Tensor | None = None) -> Tensor:
+def _inverse_of_i_minus(Q: Tensor) -> Tensor:
     """`N = (I - Q)^-1` for skew `Q` `(..., b, b)`.
 
     LAPACK inverts small blocks one at a time (about 20-30 us per 32 x 32 block on CPU). For float32 on
     CPU with enough blocks the inverse is instead refined with batched matmuls (`_newton_schulz`) from
-    `guess` (the previous rotation, `N = (R + I) / 2`) or from `I + Q` (residual `Q^2`: good when `Q` is
-    small); the LU inverse remains the fallback whenever that start is poor. All agree to float32
-    rounding; `Q == 0` gives exactly `I` without a guess (a fresh adapter is exactly the base layer).
+    `I + Q` (residual `Q^2`: good when `Q` is small); LU stays the fallback for the blocks whose start is
+    poor. All agree to float32 rounding; `Q == 0` gives exactly `I` (a fresh adapter is exactly the base
+    layer). No warm start from an earlier rotation: the result is a pure function of `Q`.
     GPUs keep the batched LU (no host synchronisation).
     """
     b = Q.shape[-1]
     I = _eye(b, Q.dtype, Q.device)
     A = I - Q
     if Q.device.type == "cpu" and Q.dtype == torch.float32 and Q.numel() * b >= _NS_MIN_WORK:
-        A3 = A.reshape(-1, b, b)
-        N = None
-        if guess is not None and guess.shape == Q.shape and guess.dtype == Q.dtype:
-            N = _newton_schulz(A3, (guess.reshape(-1, b, b) + I).mul_(0.5))
-        if N is None:
-            N = _newton_schulz(A3, (Q + I).reshape(-1, b, b))
+        N = _newton_schulz(A.reshape(-1, b, b), (Q + I).reshape(-1, b, b))
         if N is not None:
             return N.reshape(Q.shape)
     return _lu_inverse(A)
@@ -155,51 +150,47 @@ class _ExactCayley(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, Q: Tensor, guess: Tensor | None, raw: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, Q: Tensor, raw: bool) -> Tensor:  # type: ignore[override]
         with _no_autocast(Q):
             if raw:
                 Q = Q - Q.transpose(-1, -2)
-            N = _inverse_of_i_minus(Q, guess)
+            N = _inverse_of_i_minus(Q)
         ctx.raw = raw
         ctx.save_for_backward(N)
         return _cayley_from_inverse(N)
 
     @staticmethod
-    def backward(ctx, dR: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, dR: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (N,) = ctx.saved_tensors
         with _no_autocast(N):
             Nt = N.transpose(-1, -2)
             dQ = torch.matmul(torch.matmul(Nt, dR), Nt).mul_(2.0)
         if ctx.raw:
             dQ = dQ - dQ.transpose(-1, -2)
-        return dQ, None, None
+        return dQ, None
 
 
-def _exact(Q: Tensor, guess: Tensor | None, raw: bool) -> Tensor:
-    if guess is not None:
-        guess = guess.detach()
+def _exact(Q: Tensor, raw: bool) -> Tensor:
     if torch.is_grad_enabled() and Q.requires_grad:
-        return _ExactCayley.apply(Q, guess, raw)
+        return _ExactCayley.apply(Q, raw)
     with _no_autocast(Q):
         if raw:
             Q = Q - Q.transpose(-1, -2)
-        return _cayley_from_inverse(_inverse_of_i_minus(Q, guess))
+        return _cayley_from_inverse(_inverse_of_i_minus(Q))
 
 
-def cayley(Q: Tensor, neumann_terms: int = 0, *, guess: Tensor | None = None) -> Tensor:
+def cayley(Q: Tensor, neumann_terms: int = 0) -> Tensor:
     """`(..., b, b) skew -> (..., b, b) orthogonal`: `R = (I + Q)(I - Q)^-1`, batched over leading dims.
 
     Exact path: `(I + Q)(I - Q)^-1 = 2 (I - Q)^-1 - I`, one batched inverse. `I - Q` with `Q` skew has
     all singular values >= 1, so the inverse is always well conditioned (see `_inverse_of_i_minus` for
-    how it is computed). `guess`: optional earlier rotation of the same shape (e.g. the previous training
-    step's), a starting point that makes the exact inverse cheaper on CPU; it never changes the result
-    beyond float32 rounding.
+    how it is computed).
     `neumann_terms = n > 0` replaces `(I - Q)^-1` by `I + Q + ... + Q^(n-1)`: an APPROXIMATION, only
     orthogonal to O(||Q||^n); kept for experiments, never the default.
     """
     Qc = Q.to(compute_dtype(Q))
     if neumann_terms <= 0:
-        return _exact(Qc, guess, raw=False)
+        return _exact(Qc, raw=False)
     I = eye_like(Qc)
     acc = I.expand_as(Qc)
     term = I.expand_as(Qc)
@@ -209,9 +200,9 @@ def cayley(Q: Tensor, neumann_terms: int = 0, *, guess: Tensor | None = None) ->
     return 2.0 * acc - I
 
 
-def cayley_of_raw(A: Tensor, *, guess: Tensor | None = None) -> Tensor:
-    """`cayley(skew(A), guess=guess)` (exact) as a single autograd node: the training hot path."""
-    return _exact(A.to(compute_dtype(A)), guess, raw=True)
+def cayley_of_raw(A: Tensor) -> Tensor:
+    """`cayley(skew(A))` (exact) as a single autograd node: the training hot path."""
+    return _exact(A.to(compute_dtype(A)), raw=True)
 
 
 def inverse_cayley(R: Tensor) -> Tensor:
