@@ -169,9 +169,9 @@ def test_resume_continues_the_uninterrupted_run(toy, tmp_path):
     # ... same data and noise for steps 4-5: the losses agree to float32 rounding ...
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-5)
     a, b = load_file(full.adapter), load_file(resumed.adapter)
-    # ... and so do the adapters. The only difference is the Cayley solve's warm start (the previous
-    # step's rotation, absent right after a resume), a float32-rounding effect: measured 4e-4 relative.
-    assert _rel(a, b) < 5e-3
+    # ... and the adapters are bit-identical: every rotation is a pure function of the parameters (no warm
+    # start from the previous step's), and data, noise and LR are functions of the seed and the step.
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     assert metadata(resumed.adapter)["ss_steps"] == "5" and metadata(resumed.adapter)["ss_epoch"] == "2"
 
 
