@@ -263,11 +263,11 @@ def test_gradient_checkpointing_and_bf16(toy, tmp_path, caplog):
     common = dict(network_args=["preset=attn-only"], max_train_steps=2)
     plain = run(toy, tmp_path / "plain", **common)
     ckpt = run(toy, tmp_path / "ckpt", gradient_checkpointing="true", **common)
-    # Recomputing activations changes nothing but float32 rounding (the Cayley warm start sees a
-    # different previous rotation when the forward runs twice).
+    # Checkpointing changes nothing but float32 rounding: layers inside checkpointed regions compute their
+    # own rotation, where the plain run batches all of them (lycoft/rotations.py).
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
     difference = _rel(load_file(plain.adapter), load_file(ckpt.adapter))
-    print(f"gradient checkpointing vs not: relative adapter difference {difference:.1e}")  # measured 1e-5
+    print(f"gradient checkpointing vs not: relative adapter difference {difference:.1e}")  # measured 2.3e-4
     assert difference < 5e-3
     # --network_weights starts from a file: with a negligible LR the run ends where the file was
     warm = run(toy, tmp_path / "warm", network_weights=plain.adapter, learning_rate=1e-12,
