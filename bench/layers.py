@@ -392,8 +392,9 @@ def measure(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
 def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple) -> None:
     try:
         conn.send(fn(*args))
-    except Exception:
-        conn.send({"error": traceback.format_exc(limit=4)})
+    except Exception as e:
+        traceback.print_exc(limit=4)  # the whole story on stderr; the results keep the exception only (no paths)
+        conn.send({"error": "".join(traceback.format_exception_only(type(e), e)).strip()})
     conn.close()
 
 
