@@ -453,6 +453,16 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
         if main and tracking_on:
             accelerator.log(tracking.module_logs(network), step=state.global_step)
 
+    def stop_nonfinite(what: str, remedy: str) -> NonFiniteLossError:
+        """Save the state from before this step and say where it is (the error to raise)."""
+        stem = adapter_stem(cfg.output_name, step=state.global_step)
+        save(stem, with_state=True)
+        where = output_dir / f"{stem}-state"
+        return NonFiniteLossError(
+            f"{what} at step {state.global_step + 1} (epoch {state.epoch + 1}); training stopped. The state "
+            f"before this step is in {where} (resume with --resume {where}). Lower --learning_rate, {remedy}, "
+            "or pass --skip_nonfinite to skip such steps")
+
     def micro_batch_loss(batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         device = accelerator.device
         if "latents" in batch:
@@ -515,15 +525,8 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
                         logger.warning("non-finite loss at step %d (epoch %d); step skipped (%d so far)",
                                        state.global_step + 1, state.epoch + 1, state.nonfinite_skipped)
                     else:
-                        stem = adapter_stem(cfg.output_name, step=state.global_step)
-                        save(stem, with_state=True)
-                        where = output_dir / f"{stem}-state"
-                        raise NonFiniteLossError(
-                            f"the loss is {float(loss.detach())} at step {state.global_step + 1} "
-                            f"(epoch {state.epoch + 1}); "
-                            f"training stopped. The state before this step is in {where} (resume with --resume "
-                            f"{where}). Lower --learning_rate, use --mixed_precision bf16 or no, or pass "
-                            "--skip_nonfinite to skip such steps")
+                        raise stop_nonfinite(f"the loss is {float(loss.detach())}",
+                                             "use --mixed_precision bf16 or no")
             if not last:
                 continue
             # one optimizer step -------------------------------------------------------------------
@@ -537,14 +540,8 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
                                    state.global_step + 1, state.epoch + 1, state.nonfinite_skipped)
                 else:
                     optimizer.zero_grad(set_to_none=True)
-                    stem = adapter_stem(cfg.output_name, step=state.global_step)
-                    save(stem, with_state=True)
-                    where = output_dir / f"{stem}-state"
-                    raise NonFiniteLossError(
-                        f"the gradient is NaN or inf (the loss {step_loss:.4g} is finite) at step "
-                        f"{state.global_step + 1} (epoch {state.epoch + 1}); training stopped. The state "
-                        f"before this step is in {where} (resume with --resume {where}). Lower "
-                        "--learning_rate, set --max_grad_norm, or pass --skip_nonfinite to skip such steps")
+                    raise stop_nonfinite(f"the gradient is NaN or inf (the loss {step_loss:.4g} is finite)",
+                                         "set --max_grad_norm")
             learning_rates.append(tuple(g["lr"] for g in optimizer.param_groups))
             if not bad_step:
                 if cfg.max_grad_norm:
