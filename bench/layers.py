@@ -330,10 +330,28 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.10, window: float = 0.5
     return time.perf_counter() - t0
 
 
+def _step_fn(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor,
+             opt: torch.optim.Optimizer | None) -> Callable[[], float]:
+    def step() -> float:
+        t0 = time.perf_counter()
+        x.grad = None
+        y = fn(x)
+        y.backward(g)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
 def measure(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(opts["threads"])
     warnings.filterwarnings("ignore")
     base, x = make_base(shape)
+    # The paired reference: a frozen copy of the same layer (same weights, own input), stepped alternately with
+    # the method in this process, so that the ratio does not depend on how fast the host was at another time.
+    ref_base, x_ref = make_base(shape) if method != "frozen" else (None, None)
     case = build(method, base, opts.get("baseline"))
     x.requires_grad_(True)
     with torch.no_grad():
@@ -341,30 +359,38 @@ def measure(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
     g = torch.randn(y0.shape, generator=torch.Generator().manual_seed(2))
     del y0
     opt = torch.optim.AdamW(case.params, lr=1e-4) if case.params else None
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        x.grad = None
-        y = case.fn(x)
-        y.backward(g)
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+    step = _step_fn(case.fn, x, g, opt)
+    ref = _step_fn(ref_base, x_ref.requires_grad_(True), g, None) if ref_base is not None else None
 
     res: dict[str, Any] = {"method": method, "shape": shape, "config": case.config, "notes": case.notes,
                            "params": sum(p.numel() for p in case.params), "load_start": os.getloadavg()[0]}
     first = step()
     capped = first > opts["step_cap"]
-    times = [first]
+    times, ref_times = [first], []
     if not capped:
         for _ in range(opts["warmup"] - 1):
             step()
+            if ref is not None:
+                ref()
         t = statistics.median([step() for _ in range(2)])
         n = max(opts["min_steps"], min(opts["steps"], int(opts["budget"] / max(t, 1e-6))))
-        times, res["other_load"] = other_load(lambda: [step() for _ in range(n)])
+
+        def timed() -> list[float]:
+            out = []
+            for _ in range(n):
+                if ref is not None:
+                    ref_times.append(ref())
+                out.append(step())
+            return out
+
+        times, res["other_load"] = other_load(timed)
     res["ms"] = 1e3 * statistics.median(times)
     res["ms_min"] = 1e3 * min(times)
+    if ref_times:
+        res["frozen_paired_ms"] = 1e3 * statistics.median(ref_times)
+        res["paired"] = res["ms"] / res["frozen_paired_ms"]
+    elif method == "frozen":
+        res["frozen_paired_ms"], res["paired"] = res["ms"], 1.0
     res["steps"] = len(times)
     res["capped"] = capped
     if case.path is not None:
@@ -448,8 +474,16 @@ def _ok(r: dict[str, Any] | None) -> bool:
 
 def summarise(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], methods: list[str],
               key: str = "ms") -> dict[str, Any]:
-    """Targets of issue #5 from the results of one run; `key` "ms" (median step) or "ms_min" (best step)."""
+    """Targets of issue #5 from the results of one run.
+
+    `key`: "ms" (median step), "ms_min" (best step), both over the frozen layer's own case, or "paired" (the
+    median step over the median of the frozen copy stepped alternately in the same process).
+    """
     out: dict[str, Any] = {}
+
+    def ok(r: dict[str, Any] | None) -> bool:
+        return _ok(r) and key in r  # type: ignore[operator]
+
     for fam, auto, goal_geo, peer_factor in (("oft", "lycoft-oft", 1.25, 1.0), ("boft", "lycoft-boft", 1.4, 0.5)):
         if auto not in methods:
             continue
@@ -457,9 +491,9 @@ def summarise(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str],
         for s in shapes:
             r, f = results.get((auto, s)), results.get(("frozen", s))
             peers = [results.get((p, s)) for p in PEERS[fam]]
-            peers = [p for p in peers if _ok(p)]
+            peers = [p for p in peers if ok(p)]
             best = min(peers, key=lambda p: p[key]) if peers else None
-            if not (_ok(r) and _ok(f)):
+            if not (ok(r) and ok(f)):
                 continue
             ratios.append(r[key] / f[key])
             per_shape[s] = {
@@ -504,6 +538,18 @@ def _step_cell(results: dict[tuple[str, str], dict[str, Any]], m: str, s: str, r
     return txt
 
 
+def _paired_cell(results: dict[tuple[str, str], dict[str, Any]], m: str, s: str, r: dict[str, Any]) -> str:
+    if "paired" not in r:
+        return "-"
+    txt = f"{r['paired']:.2f}x"
+    peers = [p for p in (results.get((q, s)) for q in PEERS.get(METHODS[m][0], [])) if _ok(p) and "paired" in p]
+    if peers and m.startswith(("lycoft", "baseline")):
+        txt += f" ({r['paired'] / min(p['paired'] for p in peers):.2f}p)"
+    if m != "frozen":
+        txt += f" of {r['frozen_paired_ms']:.2f}"
+    return txt
+
+
 def markdown(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], methods: list[str],
              meta: dict[str, Any], targets: dict[str, Any]) -> str:
     L: list[str] = []
@@ -518,26 +564,35 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], 
         L.append(f"| {s} | {layer} | {tuple(xs)} | {bias} | {note} |")
 
     L.append("\n## Targets (issue #5)\n")
-    L.append("Verdicts on the median step (the measure the goals name) and, in brackets, on the best step of "
-             "the same case (less sensitive to other load on a shared machine).\n")
-    best = targets.get("best_step", {})
+    L.append("Verdicts on the median step (the measure the goals name), in brackets on the best step of the same "
+             "case, and in braces on the paired ratio: each case's median step over the median of a frozen copy "
+             "of the layer stepped alternately with it in the same process. The paired ratio does not depend "
+             "on how fast this shared host happened to be when the frozen layer's own case ran; the first two "
+             "do.\n")
+    best, paired = targets.get("best_step", {}), targets.get("paired", {})
+
+    def verdict(p: dict[str, Any]) -> str:
+        return "PASS" if p.get("pass") else ("FAIL" if p.get("reachable") else "FAIL, unreachable")
+
     for fam, t in targets.items():
-        if fam == "best_step":
+        if fam in ("best_step", "paired"):
             continue
-        tb = best.get(fam, {})
+        tb, tp = best.get(fam, {}), paired.get(fam, {})
         goal = "<= best peer" if t["peer_factor"] == 1 else f"<= {t['peer_factor']} x best peer"
         geo = _fmt(t["geomean_vs_frozen"], ".3f")
         geo_b = _fmt(tb.get("geomean_vs_frozen"), ".3f")
-        L.append(f"- **lycoft {fam}** geomean step/frozen = {geo} [{geo_b}] (goal <= {t['goal_geomean']}): "
-                 f"{'PASS' if t['geomean_pass'] else 'FAIL'} [{'PASS' if tb.get('geomean_pass') else 'FAIL'}]")
+        geo_p = _fmt(tp.get("geomean_vs_frozen"), ".3f")
+        pf = {True: "PASS", False: "FAIL"}
+        v, vb, vp = (pf[bool(x.get("geomean_pass"))] for x in (t, tb, tp))
+        L.append(f"- **lycoft {fam}** geomean step/frozen = {geo} [{geo_b}] {{{geo_p}}} "
+                 f"(goal <= {t['goal_geomean']}): {v} [{vb}] {{{vp}}}")
         for s, p in t["per_shape"].items():
-            verdict = "PASS" if p["pass"] else ("FAIL" if p["reachable"] else "FAIL (unreachable: frozen alone "
-                                                "is slower than the goal)")
             pb = tb.get("per_shape", {}).get(s, {})
-            vb = "PASS" if pb.get("pass") else ("FAIL" if pb.get("reachable") else "FAIL, unreachable")
+            pp = tp.get("per_shape", {}).get(s, {})
             L.append(f"  - {s}: {p['ms']:.2f} ms vs best peer {p['best_peer']} {_fmt(p['best_peer_ms'], '.2f')} ms"
                      f" = {_fmt(p['vs_peer'], '.2f')}x [{_fmt(pb.get('vs_peer'), '.2f')}x vs {pb.get('best_peer')}]"
-                     f" (goal {goal}): {verdict} [{vb}]")
+                     f" {{{_fmt(pp.get('vs_peer'), '.2f')}x vs {pp.get('best_peer')}}}"
+                     f" (goal {goal}): {verdict(p)} [{verdict(pb)}] {{{verdict(pp)}}}")
         L.append(f"  - orthogonality error at std 0.1: {_fmt(t['orth_max_std0.1'], '.1e')} (goal <= 1e-5): "
                  f"{'PASS' if t['orth_pass'] else 'FAIL'}")
         for s, m in t["merge"].items():
@@ -566,6 +621,13 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], 
     L.append(head)
     for m in methods:
         L.append(f"| {m} | " + " | ".join(cell(m, s, lambda r, m=m, s=s: _step_cell(results, m, s, r, "ms_min"))
+                                          for s in shapes) + " |")
+
+    L.append("\n## Training step: paired ratio (median step / median step of a frozen copy stepped alternately in "
+             "the same process; p = over the best peer's paired ratio)\n")
+    L.append(head)
+    for m in methods:
+        L.append(f"| {m} | " + " | ".join(cell(m, s, lambda r, m=m, s=s: _paired_cell(results, m, s, r))
                                           for s in shapes) + " |")
 
     L.append("\n## Trainable params / extra saved activations MB / merge ms (one layer's merged weight)\n")
@@ -615,6 +677,7 @@ def rerender(src: Path, out: Path) -> int:
     methods = [m for m in METHODS if any(k[0] == m for k in results)]
     targets = summarise(results, shapes, methods)
     targets["best_step"] = summarise(results, shapes, methods, key="ms_min")
+    targets["paired"] = summarise(results, shapes, methods, key="paired")
     meta = dict(data["meta"])
     meta["report"] = f"re-rendered from {src.name} by `python bench/layers.py --from-json`"
     out.write_text(markdown(results, shapes, methods, meta, targets))
@@ -739,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     targets = summarise(results, shapes, methods)
     targets["best_step"] = summarise(results, shapes, methods, key="ms_min")
+    targets["paired"] = summarise(results, shapes, methods, key="paired")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(results, shapes, [m for m in METHODS if m in methods], meta, targets))

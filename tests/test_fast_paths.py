@@ -73,15 +73,16 @@ def test_blockdiag_double_backward():
 
 
 @pytest.mark.parametrize("std", [0.0, 1e-3, 0.02, 0.1, 0.5])
-@pytest.mark.parametrize("shape", [(10, 32, 32), (80, 8, 8), (3, 2, 16, 16)])
+@pytest.mark.parametrize("shape", [(10, 32, 32), (1, 32, 32), (80, 8, 8), (3, 2, 16, 16), (5, 4, 4), (7, 2, 2)])
 def test_float32_cayley_equals_float64_lapack(std, shape):
-    """Whether a block is refined by Newton-Schulz or inverted by LU, it matches float64 LAPACK."""
+    """Whether a block is a product of factors or inverted by LU, it matches float64 LAPACK (worst measured:
+    4.4e-7, at std 0.5 on 32 x 32 blocks)."""
     torch.manual_seed(0)
     A = torch.randn(shape, dtype=torch.float64) * std
     ref = cayley(skew(A))  # float64: LAPACK
     R = cayley(skew(A.float()))
     assert R.dtype == torch.float32
-    assert torch.allclose(R.double(), ref, atol=2e-6)
+    assert torch.allclose(R.double(), ref, atol=1e-6)
     assert orthogonality_error(R) <= 1e-5
 
 

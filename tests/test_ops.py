@@ -157,14 +157,14 @@ def test_rotate_weight_input_side_is_w_times_mT():
 
 
 def test_blocks_far_from_identity_are_inverted_apart_from_the_rest():
-    """A batch where a few blocks rotate far (poor Newton-Schulz start) and most do not: every block still
-    equals the float64 Cayley to float32 rounding, whether refined or inverted by LU."""
+    """A batch where a few blocks rotate far (too many product factors) and most do not: every block still
+    equals the float64 Cayley to float32 rounding (measured 4e-7), whether a product or an LU inverse."""
     torch.manual_seed(0)
     A = torch.randn(300, 32, 32) * 0.005
     A[::50] = torch.randn(6, 32, 32) * 0.5  # ||Q^2||_inf >> 0.5 for these
     R = cayley(skew(A))
     assert orthogonality_error(R) <= 1e-5
-    assert torch.allclose(R.double(), dense_cayley(skew(A.double())), atol=2e-6)
+    assert torch.allclose(R.double(), dense_cayley(skew(A.double())), atol=1e-6)
     for bad in (torch.nan, torch.inf):
         B = A.clone()
         B[7, 0, 1] = bad

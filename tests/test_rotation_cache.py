@@ -13,8 +13,9 @@ import lycoft
 from lycoft import AdapterConfig
 from lycoft.rotations import RotationCache
 
-# Batched vs per-layer rotations: the same float32 Cayley, except that Newton-Schulz takes its step count
-# from the largest residual of the whole batch, so values agree to float32 rounding, not bit for bit.
+# Batched vs per-layer rotations: the same float32 Cayley, except that the product-form inverse takes its
+# number of factors from the largest residual of the whole batch, so values agree to float32 rounding, not
+# bit for bit.
 TOL = 1e-6
 
 
@@ -59,27 +60,25 @@ def _norm_rel(a, b):
 
 
 def test_values_and_gradients_equal_per_layer_rotations(tiny_pipes):
-    """float64: bit-identical gradients (the batching changes nothing but the grouping). float32: the
-    gradient of this random UNet amplifies rounding (both ways land ~3e-4 from float64), so the cached
-    one must be no further from float64 than the per-layer one, with a 2x margin."""
+    """float64: bit-identical gradients (the batching changes nothing but the grouping). float32: each
+    rotation agrees with the per-layer one to float32 rounding. Whole-model float32 gradients are not compared:
+    this random UNet amplifies any rounding difference chaotically (over 5 seeds the per-layer float32
+    gradient lands 2e-5 to 9e-3 from float64, whichever way the rotations are computed)."""
     grads = {}
-    for dtype in (torch.float64, torch.float32):
-        for cached in (True, False):
-            pipe = tiny_pipes("sd1")
-            pipe.unet.requires_grad_(False)
-            net = _mixed_network(pipe)
-            if not cached:
-                _uncached(net)
-            grads[dtype, cached] = _gradients(pipe, net, dtype)
-            if cached:
-                assert net.rotations.builds == 1  # one forward: one build (the TE is not run)
+    for cached in (True, False):
+        pipe = tiny_pipes("sd1")
+        pipe.unet.requires_grad_(False)
+        net = _mixed_network(pipe)
+        if not cached:
+            _uncached(net)
+        grads[cached] = _gradients(pipe, net, torch.float64)
+        if cached:
+            assert net.rotations.builds == 1  # one forward: one build (the TE is not run)
     kinds = {(layer.layout.block_size, layer.constraint, layer.neumann_terms) for layer in net.adapters.values()}
     assert len(kinds) >= 3  # the overrides took effect: several groups and an unbatched layer
-    assert grads[torch.float64, True].keys() == grads[torch.float64, False].keys()  # same None gradients
-    assert len(grads[torch.float64, True]) > 10
-    assert _norm_rel(grads[torch.float64, True], grads[torch.float64, False]) <= 1e-12
-    ref = grads[torch.float64, False]
-    assert _norm_rel(grads[torch.float32, True], ref) <= 2 * _norm_rel(grads[torch.float32, False], ref) + 1e-6
+    assert grads[True].keys() == grads[False].keys()  # same None gradients
+    assert len(grads[True]) > 10
+    assert _norm_rel(grads[True], grads[False]) <= 1e-12
 
     pipe = tiny_pipes("sd1")  # and each float32 rotation itself
     net = _mixed_network(pipe)
