@@ -3,7 +3,9 @@
 What one step is: forward, backward with a fixed random output gradient, AdamW step on the adapter
 parameters only; the base layer is frozen and the input requires grad (as inside a UNet). Every case
 (method x shape) runs in its own freshly forked process; the libraries are imported once, before any
-tensor work, so a fork starts clean and costs nothing. Ratios are taken within one run only.
+tensor work, so a fork starts clean and costs nothing. Ratios are taken within one run only. Each case
+process also steps a frozen copy of the layer alternately with the method: the paired ratio of the two
+medians does not depend on how fast the shared host was when the `frozen` case itself ran.
 
     python bench/layers.py --quick                       # < 3 min on 2 cores
     python bench/layers.py --out bench/results/layers.md  # full: >= 20 timed steps, every case
@@ -734,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget": 1.0 if args.quick else 1e9,  # seconds of timed steps per case before the step count is cut
         "step_cap": 10.0 if args.quick else 60.0,
         "timeout": args.timeout or (30.0 if args.quick else 300.0),
-        "merge_reps": 3 if args.quick else 7,
+        "merge_reps": 3 if args.quick else 25,
         "baseline": str(Path(args.baseline).resolve()) if args.baseline else None,
         "quiet_wait": args.quiet_wait if args.quiet_wait is not None else (5.0 if args.quick else 120.0),
     }

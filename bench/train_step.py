@@ -58,8 +58,9 @@ METHODS: dict[str, str] = {
 # models
 
 
-def build_models(model: str, device: torch.device) -> tuple[nn.Module, list[nn.Module], dict[str, Any]]:
-    """Random-weight UNet and text encoder(s), frozen; and the inputs of one step."""
+def build_models(model: str, device: torch.device, batch: int = 1
+                 ) -> tuple[nn.Module, list[nn.Module], dict[str, Any]]:
+    """Random-weight UNet and text encoder(s), frozen; and the inputs of one step of `batch` samples."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -87,10 +88,10 @@ def build_models(model: str, device: torch.device) -> tuple[nn.Module, list[nn.M
         m.to(device)
     vocab = tes[0].config.vocab_size
     inputs = {
-        "latents": torch.randn(1, 4, latent, latent, device=device),
-        "ids": torch.randint(0, vocab, (1, 77), device=device),
-        "target": torch.randn(1, 4, latent, latent, device=device),
-        "t": torch.tensor([500], device=device),
+        "latents": torch.randn(batch, 4, latent, latent, device=device),
+        "ids": torch.randint(0, vocab, (batch, 77), device=device),
+        "target": torch.randn(batch, 4, latent, latent, device=device),
+        "t": torch.full((batch,), 500, device=device),
         "sdxl": len(tes) == 2,
     }
     return unet, tes, inputs
@@ -171,8 +172,8 @@ def step_fn(unet: nn.Module, tes: list[nn.Module], inputs: dict[str, Any], opt: 
                 h1 = tes[0](inputs["ids"], output_hidden_states=True).hidden_states[-2]
                 out2 = tes[1](inputs["ids"], output_hidden_states=True)
                 ctx = torch.cat([h1, out2.hidden_states[-2]], dim=-1)
-                added = {"text_embeds": out2.text_embeds,
-                         "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]], device=device)}
+                time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]], device=device).expand(x.shape[0], 6)
+                added = {"text_embeds": out2.text_embeds, "time_ids": time_ids}
                 pred = unet(x, inputs["t"], ctx, added_cond_kwargs=added).sample
             else:
                 ctx = tes[0](inputs["ids"]).last_hidden_state
@@ -192,7 +193,7 @@ def measure(method: str, opts: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(opts["device"])
     if device.type == "cpu":
         torch.set_num_threads(opts["threads"])
-    unet, tes, inputs = build_models(opts["model"], device)
+    unet, tes, inputs = build_models(opts["model"], device, opts["batch"])
     names = target_names(unet, tes, opts["preset"])
     params, desc = inject(method, unet, tes, names, opts["preset"])
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -221,6 +222,68 @@ def measure(method: str, opts: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def measure_interleaved(methods: list[str], opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every method in ONE process, each on its own copy of the model, stepped in turn: step i of every
+    method runs within the same few seconds, so a host that slows down for a while slows all of them alike
+    (separate processes each meet the host at a different time). No peak memory: the copies share it."""
+    warnings.filterwarnings("ignore")
+    device = torch.device(opts["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(opts["threads"])
+    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opts["amp"]]
+    runs, rows = {}, {}
+    for m in methods:
+        try:
+            unet, tes, inputs = build_models(opts["model"], device, opts["batch"])
+            names = target_names(unet, tes, opts["preset"])
+            params, desc = inject(m, unet, tes, names, opts["preset"])
+            opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+            step = step_fn(unet, tes, inputs, opt, amp)
+            for _ in range(opts["warmup"]):
+                step()
+        except Exception as e:  # noqa: BLE001  (a method that cannot run is reported, the others go on)
+            rows[m] = {"method": m, "error": f"{type(e).__name__}: {e}"}
+            continue
+        runs[m] = step
+        rows[m] = {"method": m, "layers": desc, "params": sum(p.numel() for p in params), "times": []}
+    for _ in range(opts["steps"]):
+        for m, step in runs.items():
+            t0 = time.perf_counter()
+            step()
+            rows[m]["times"].append(time.perf_counter() - t0)
+    for m in runs:
+        times = rows[m].pop("times")
+        rows[m].update(ms=1e3 * statistics.median(times), ms_min=1e3 * min(times), steps=len(times),
+                       load=os.getloadavg()[0])
+    return [rows[m] for m in methods]
+
+
+def report(model: str, opts: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """One table: time, it/s and (CUDA) peak memory of each method, against the frozen model and LoRA r8."""
+    ok = {r["method"]: r for r in rows if "ms" in r}
+    frozen, lora = ok.get("frozen"), ok.get("lora-r8")
+    lines = [f"\n## {model} (batch {opts['batch']}, amp {opts['amp']}, median of {opts['steps']} steps)\n"]
+    lines.append("| method | layers | trainable params | ms/step | it/s | x frozen | it/s x LoRA | peak GiB | "
+                 "peak x LoRA | notes |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['method']} | | | | | | | | | {r['error'].strip().splitlines()[-1][:120]} |")
+            continue
+        x_frozen = f"{r['ms'] / frozen['ms']:.2f}" if frozen else "-"
+        x_lora = f"{lora['ms'] / r['ms']:.2f}" if lora else "-"
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "-"
+        peak_lora = f"{r['peak_gib'] / lora['peak_gib']:.2f}" if lora and "peak_gib" in r else "-"
+        lines.append(f"| {r['method']} | {r['layers']} | {r['params']:,} | {r['ms']:.1f} | {1e3 / r['ms']:.2f} | "
+                     f"{x_frozen} | {x_lora} | {peak} | {peak_lora} | load {r['load']:.1f} |")
+    oft = ok.get("lycoft-oft")
+    if oft and lora:
+        goal = f"\n- lycoft OFT: it/s {lora['ms'] / oft['ms']:.2f}x LoRA r8 (goal >= 0.9)"
+        if "peak_gib" in oft:
+            goal += f", peak memory {oft['peak_gib'] / lora['peak_gib']:.2f}x LoRA r8 (goal <= 1.1)"
+        lines.append(goal)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["mid", *FOLDERS], default=None,
@@ -233,11 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per method")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--amp", choices=["no", "bf16", "fp16"], default=None, help="default: no on CPU, bf16 on CUDA")
+    ap.add_argument("--batch", default=None, help="comma-separated batch sizes (default: CPU 1, CUDA 1,4)")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="all methods in one process, stepped in turn (default on CPU; on CUDA each method gets its "
+                    "own process, so that its peak memory is its own)")
     ap.add_argument("--out", default="bench/results/train_step.md")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    interleave = (not cuda) if args.interleave is None else args.interleave
     models = [args.model] if args.model else (["sd15", "sdxl"] if cuda else ["mid"])
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
@@ -255,30 +323,29 @@ def main(argv: list[str] | None = None) -> int:
                  + (f", {torch.cuda.get_device_name()}" if cuda else f", set_num_threads({args.threads})"))
     lines.append(f"- preset `{args.preset}` picks the layers (lycoft's rule); every peer adapts the same modules")
     lines.append(f"- load average at start {os.getloadavg()[0]:.2f}")
+    lines.append("- " + ("all methods in one process, each on its own model copy, stepped in turn (`--interleave`)"
+                         if interleave else "each method in its own forked process"))
+    batches = [int(b) for b in (args.batch or ("1,4" if cuda else "1")).split(",") if b]
     results: dict[str, list[dict[str, Any]]] = {}
     for model in models:
-        opts = {"model": model, "preset": args.preset, "device": device, "threads": args.threads,
-                "steps": args.steps or (10 if cuda else 5), "warmup": args.warmup,
-                "amp": args.amp or ("bf16" if cuda else "no")}
-        rows = []
-        for m in methods:
-            r = run_forked(measure, (m, opts), args.timeout)
-            r.setdefault("method", m)
-            rows.append(r)
-            status = f"{r['ms']:9.1f} ms" if "ms" in r else r["error"].strip().splitlines()[-1][:100]
-            print(f"{model:5s} {m:17s} {status}", flush=True)
-        results[model] = rows
-        frozen = next((r for r in rows if r["method"] == "frozen" and "ms" in r), None)
-        lines.append(f"\n## {model} (batch 1, "
-                     f"amp {opts['amp']}, median of {opts['steps']} steps)\n")
-        lines.append("| method | layers | trainable params | ms/step | x frozen | notes |\n|---|---|---|---|---|---|")
-        for r in rows:
-            if "ms" not in r:
-                lines.append(f"| {r['method']} | | | | | {r['error'].strip().splitlines()[-1][:120]} |")
-                continue
-            ratio = f"{r['ms'] / frozen['ms']:.2f}" if frozen else "-"
-            note = f"peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else f"load {r['load']:.1f}"
-            lines.append(f"| {r['method']} | {r['layers']} | {r['params']:,} | {r['ms']:.1f} | {ratio} | {note} |")
+        for batch in batches:
+            opts = {"model": model, "preset": args.preset, "device": device, "threads": args.threads,
+                    "steps": args.steps or (10 if cuda else 5), "warmup": args.warmup, "batch": batch,
+                    "amp": args.amp or ("bf16" if cuda else "no")}
+            if interleave:
+                rows = run_forked(measure_interleaved, (methods, opts), args.timeout * len(methods))
+                rows = rows if isinstance(rows, list) else [{"method": m, **rows} for m in methods]
+            else:
+                rows = []
+                for m in methods:
+                    r = run_forked(measure, (m, opts), args.timeout)
+                    r.setdefault("method", m)
+                    rows.append(r)
+            for r in rows:
+                status = f"{r['ms']:9.1f} ms" if "ms" in r else r["error"].strip().splitlines()[-1][:100]
+                print(f"{model:5s} batch {batch} {r['method']:17s} {status}", flush=True)
+            results[f"{model} batch {batch}"] = rows
+            lines += report(model, opts, rows)
     lines.append(f"\n- load average at end {os.getloadavg()[0]:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,38 @@ def test_a_save_failing_on_the_main_process_stops_both_processes(data, tmp_path,
     assert (f"error (process 1): process 0 could not write {failed} at step 2 (that process reports the "
             "cause); training stopped on every process") in log, log[-3000:]
     check_step_one_intact(out)
+
+
+class _Planted:
+    """Unpickling this creates `marker` (by calling `open`): what a malicious pickle would do, harmlessly."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_tampered_rng_state_of_one_process_stops_both_with_the_refusal(data, tmp_path):
+    """Only process 1 loads `random_states_1.pkl`; process 0 must refuse the folder too, not go on into a
+    collective call whose peer has left (on gloo: "Connection closed by peer"; on NCCL: a hang)."""
+    import torch
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = tmp_path / "out"
+    one_step = flags(data, out)
+    one_step[one_step.index("--max_train_steps") + 1] = "1"  # the final save writes run-state
+    code, log = launch_two(driver, one_step, tmp_path)
+    assert code == 0, log[-3000:]
+    state = out / "run-state"
+    marker = tmp_path / "code-ran"
+    torch.save({"x": _Planted(marker)}, state / "random_states_1.pkl")
+    resumed = flags(data, tmp_path / "again") + ["--resume", str(state)]
+    code, log = launch_two(driver, resumed, tmp_path)
+    assert code != 0
+    assert not marker.exists(), "resuming ran code from the state folder"
+    assert "refused to load random_states_1.pkl in it" in log, log[-3000:]
+    # both stop on the refusal (exit code 2, a configuration error), none on a broken collective
+    assert "Connection closed" not in log and "exitcode: 1" not in log, log[-3000:]
+    assert "exitcode: 2" in log, log[-3000:]

@@ -395,10 +395,11 @@ def load_state(accelerator: Any, folder: str | Path, *, num_processes: int) -> T
                        "remaining steps differs from an uninterrupted run", folder, state.num_processes,
                        num_processes)
     # accelerate swallows any error loading the RNG state (and goes on without it): check it first, so that a
-    # tampered file is reported rather than silently skipped.
-    rng = folder / f"random_states_{accelerator.process_index}.pkl"
-    if rng.is_file() and _weights_only_refuses(rng):
-        raise _refused(folder, rng)
+    # tampered file is reported rather than silently skipped. Every process checks every process's file, so
+    # that all of them stop with the same error (not the others on a collective whose peer is gone).
+    bad = next((f for f in sorted(folder.glob("random_states_*.pkl")) if _weights_only_refuses(f)), None)
+    if bad is not None:
+        raise _refused(folder, bad)
     sinks = [_Discard() for f in os.listdir(folder) if _OLD_SCHEDULER_FILE.fullmatch(f)]
     if sinks:
         accelerator.register_for_checkpointing(*sinks)

@@ -1,0 +1,38 @@
+"""The benchmark scripts still run and report (no timing is asserted: speed lives in bench/results)."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import layers  # noqa: E402
+import train_step  # noqa: E402
+
+
+def test_layers_report_renders_all_three_verdicts_from_the_committed_results(tmp_path):
+    out = tmp_path / "layers.md"
+    assert layers.main(["--from-json", str(ROOT / "bench/results/layers.json"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## Training step: paired ratio" in text
+    oft = next(line for line in text.splitlines() if line.startswith("- **lycoft oft** geomean"))
+    assert oft.count("PASS") + oft.count("FAIL") == 3  # median, best step, paired
+    data = json.loads((ROOT / "bench/results/layers.json").read_text())
+    paired = [r for r in data["results"] if "paired" in r and r["method"] != "frozen"]
+    assert paired and all(r["paired"] > 0 and r["frozen_paired_ms"] > 0 for r in paired)
+
+
+def test_train_step_interleaved_on_the_tiny_model(tmp_path):
+    out = tmp_path / "train_step.md"
+    assert train_step.main(["--model", "tiny-sd1", "--steps", "1", "--warmup", "1", "--batch", "2",
+                            "--methods", "frozen,lora-r8,lycoft-oft", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## tiny-sd1 (batch 2, amp no, median of 1 steps)" in text
+    assert "stepped in turn (`--interleave`)" in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"frozen", "lora-r8", "lycoft-oft"} <= set(rows)
+    assert "lycoft OFT: it/s" in text
+    results = json.loads(out.with_suffix(".json").read_text())["tiny-sd1 batch 2"]
+    assert [r["method"] for r in results] == ["frozen", "lora-r8", "lycoft-oft"]
+    assert all(r["ms"] > 0 and r["steps"] == 1 for r in results)
