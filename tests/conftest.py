@@ -27,3 +27,13 @@ def randomise_network(net, std=0.05, seed=0, rescale_std=0.1):
             if layer.rescale is not None:
                 layer.rescale.copy_(1 + rescale_std * torch.randn(layer.rescale.shape, generator=g))
     return net
+
+
+class Planted:
+    """Unpickling this creates `marker` (by calling `open`): what a malicious pickle would do, harmlessly."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))

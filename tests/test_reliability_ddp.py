@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import Planted
 
 from lycoft.formats.safe_io import read_safetensors
 from lycoft.training.saving import TrainState
@@ -121,16 +122,6 @@ def test_a_save_failing_on_the_main_process_stops_both_processes(data, tmp_path,
     check_step_one_intact(out)
 
 
-class _Planted:
-    """Unpickling this creates `marker` (by calling `open`): what a malicious pickle would do, harmlessly."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_a_tampered_rng_state_of_one_process_stops_both_with_the_refusal(data, tmp_path):
     """Only process 1 loads `random_states_1.pkl`; process 0 must refuse the folder too, not go on into a
     collective call whose peer has left (on gloo: "Connection closed by peer"; on NCCL: a hang)."""
@@ -145,7 +136,7 @@ def test_a_tampered_rng_state_of_one_process_stops_both_with_the_refusal(data, t
     assert code == 0, log[-3000:]
     state = out / "run-state"
     marker = tmp_path / "code-ran"
-    torch.save({"x": _Planted(marker)}, state / "random_states_1.pkl")
+    torch.save({"x": Planted(marker)}, state / "random_states_1.pkl")
     resumed = flags(data, tmp_path / "again") + ["--resume", str(state)]
     code, log = launch_two(driver, resumed, tmp_path)
     assert code != 0

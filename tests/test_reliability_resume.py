@@ -16,21 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Planted
 
 from lycoft.training import loop
 from lycoft.training.config import parse_args
 from lycoft.training.saving import weights_only_loads
 from lycoft.training.toy_data import make_toy_dataset
-
-
-class Planted:
-    """Unpickling this creates `marker` (by calling `open`): what a malicious pickle would do, harmlessly."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
 
 
 @pytest.fixture(scope="module")
