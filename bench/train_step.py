@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,11 +189,15 @@ def step_fn(unet: nn.Module, tes: list[nn.Module], inputs: dict[str, Any], opt: 
     return step
 
 
-def measure(method: str, opts: dict[str, Any]) -> dict[str, Any]:
+def _setup(opts: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore")
-    device = torch.device(opts["device"])
-    if device.type == "cpu":
+    if opts["device"] == "cpu":
         torch.set_num_threads(opts["threads"])
+
+
+def prepare(method: str, opts: dict[str, Any]) -> tuple[Callable[[], float], dict[str, Any]]:
+    """A fresh model with `method` injected: its timed step (seconds, CUDA-synchronised) and its table row."""
+    device = torch.device(opts["device"])
     unet, tes, inputs = build_models(opts["model"], device, opts["batch"])
     names = target_names(unet, tes, opts["preset"])
     params, desc = inject(method, unet, tes, names, opts["preset"])
@@ -209,52 +214,50 @@ def measure(method: str, opts: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    return timed, {"method": method, "layers": desc, "params": sum(p.numel() for p in params)}
+
+
+def _times(times: list[float]) -> dict[str, Any]:
+    return {"ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "steps": len(times),
+            "load": os.getloadavg()[0]}
+
+
+def measure(method: str, opts: dict[str, Any]) -> dict[str, Any]:
+    _setup(opts)
+    timed, row = prepare(method, opts)
     for _ in range(opts["warmup"]):
         timed()
-    if device.type == "cuda":
+    cuda = opts["device"] == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = [timed() for _ in range(opts["steps"])]
-    res = {"method": method, "layers": desc, "params": sum(p.numel() for p in params),
-           "ms": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times), "steps": len(times),
-           "load": os.getloadavg()[0]}
-    if device.type == "cuda":
-        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return res
+    row.update(_times([timed() for _ in range(opts["steps"])]))
+    if cuda:
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
 
 
 def measure_interleaved(methods: list[str], opts: dict[str, Any]) -> list[dict[str, Any]]:
     """Every method in ONE process, each on its own copy of the model, stepped in turn: step i of every
     method runs within the same few seconds, so a host that slows down for a while slows all of them alike
     (separate processes each meet the host at a different time). No peak memory: the copies share it."""
-    warnings.filterwarnings("ignore")
-    device = torch.device(opts["device"])
-    if device.type == "cpu":
-        torch.set_num_threads(opts["threads"])
-    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opts["amp"]]
-    runs, rows = {}, {}
+    _setup(opts)
+    runs: dict[str, Callable[[], float]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for m in methods:
         try:
-            unet, tes, inputs = build_models(opts["model"], device, opts["batch"])
-            names = target_names(unet, tes, opts["preset"])
-            params, desc = inject(m, unet, tes, names, opts["preset"])
-            opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-            step = step_fn(unet, tes, inputs, opt, amp)
+            timed, rows[m] = prepare(m, opts)
             for _ in range(opts["warmup"]):
-                step()
+                timed()
         except Exception as e:  # noqa: BLE001  (a method that cannot run is reported, the others go on)
             rows[m] = {"method": m, "error": f"{type(e).__name__}: {e}"}
             continue
-        runs[m] = step
-        rows[m] = {"method": m, "layers": desc, "params": sum(p.numel() for p in params), "times": []}
+        runs[m] = timed
+    times: dict[str, list[float]] = {m: [] for m in runs}
     for _ in range(opts["steps"]):
-        for m, step in runs.items():
-            t0 = time.perf_counter()
-            step()
-            rows[m]["times"].append(time.perf_counter() - t0)
+        for m, timed in runs.items():
+            times[m].append(timed())
     for m in runs:
-        times = rows[m].pop("times")
-        rows[m].update(ms=1e3 * statistics.median(times), ms_min=1e3 * min(times), steps=len(times),
-                       load=os.getloadavg()[0])
+        rows[m].update(_times(times[m]))
     return [rows[m] for m in methods]
 
 
