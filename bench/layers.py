@@ -420,7 +420,7 @@ def measure(method: str, shape: str, opts: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple) -> None:
+def _child(conn: Any, fn: Callable[..., Any], args: tuple) -> None:
     try:
         conn.send(fn(*args))
     except Exception as e:
@@ -429,19 +429,21 @@ def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple) -> None:
     conn.close()
 
 
-def run_forked(fn: Callable[..., dict[str, Any]], args: tuple, timeout: float) -> dict[str, Any]:
-    """`fn(*args)` in a freshly forked process; `{"error": ...}` on an exception, a timeout or a crash.
+def run_forked(fn: Callable[..., Any], args: tuple, timeout: float, start: str = "fork") -> Any:
+    """`fn(*args)` in a fresh process; `{"error": ...}` on an exception, a timeout or a crash.
 
-    Fork, not spawn: the parent has imported torch and the peers but run no tensor work, so the child
-    starts clean without paying the imports again.
+    Fork by default: the parent has imported torch and the peers but run no tensor work, so the child
+    starts clean without paying the imports again. `start="spawn"` for CUDA: a process forked from one
+    that has touched CUDA cannot use it, and a spawned one imports everything anew (`fn` must then be a
+    module-level function of an importable module or of the main script).
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(start)
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(child, fn, args))
     t0 = time.perf_counter()
     p.start()
     child.close()
-    res: dict[str, Any] | None = None
+    res: Any = None
     if parent.poll(timeout):
         try:
             res = parent.recv()

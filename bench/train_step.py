@@ -59,43 +59,49 @@ METHODS: dict[str, str] = {
 # models
 
 
-def build_models(model: str, device: torch.device, batch: int = 1
-                 ) -> tuple[nn.Module, list[nn.Module], dict[str, Any]]:
-    """Random-weight UNet and text encoder(s), frozen; and the inputs of one step of `batch` samples."""
+def build_models(model: str, device: torch.device) -> tuple[nn.Module, list[nn.Module]]:
+    """Random-weight UNet and text encoder(s), frozen, created on `device` (a full-size UNet is initialised
+    by the GPU in a second instead of by the CPU in a minute)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    if model == "mid":
-        unet = UNet2DConditionModel(
-            sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
-            attention_head_dim=8, norm_num_groups=32,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        )
-        tes = [CLIPTextModel(CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                            num_attention_heads=4, vocab_size=1000, max_position_embeddings=77))]
-        latent = 32
-    else:
-        name, latent = FOLDERS[model]
-        folder = CONFIGS / name
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
-        if (folder / "text_encoder_2").exists():
-            tes.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
-        latent = latent or unet.config.sample_size
+    with device:
+        if model == "mid":
+            unet = UNet2DConditionModel(
+                sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
+                attention_head_dim=8, norm_num_groups=32,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            )
+            tes = [CLIPTextModel(CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                                num_attention_heads=4, vocab_size=1000,
+                                                max_position_embeddings=77))]
+        else:
+            folder = CONFIGS / FOLDERS[model][0]
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            tes = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
+            if (folder / "text_encoder_2").exists():
+                tes.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
     for m in (unet, *tes):
         m.requires_grad_(False)
         m.to(device)
+    return unet, tes
+
+
+def make_inputs(model: str, unet: nn.Module, tes: list[nn.Module], batch: int, device: torch.device
+                ) -> dict[str, Any]:
+    """The inputs of one step of `batch` samples (fixed: every step sees the same ones)."""
+    latent = 32 if model == "mid" else (FOLDERS[model][1] or unet.config.sample_size)
     vocab = tes[0].config.vocab_size
-    inputs = {
-        "latents": torch.randn(batch, 4, latent, latent, device=device),
-        "ids": torch.randint(0, vocab, (batch, 77), device=device),
-        "target": torch.randn(batch, 4, latent, latent, device=device),
+    g = torch.Generator().manual_seed(1)
+    return {
+        "latents": torch.randn(batch, 4, latent, latent, generator=g).to(device),
+        "ids": torch.randint(0, vocab, (batch, 77), generator=g).to(device),
+        "target": torch.randn(batch, 4, latent, latent, generator=g).to(device),
         "t": torch.full((batch,), 500, device=device),
         "sdxl": len(tes) == 2,
     }
-    return unet, tes, inputs
 
 
 def target_names(unet: nn.Module, tes: list[nn.Module], preset: str) -> dict[int, list[str]]:
@@ -107,6 +113,17 @@ def target_names(unet: nn.Module, tes: list[nn.Module], preset: str) -> dict[int
     bases = {id(layer.base) for layer in net.adapters.values()}
     net.remove()
     return {i: [n for n, m in model.named_modules() if id(m) in bases] for i, model in enumerate(models)}
+
+
+PEFT_BOFT_BLOCK = 8
+
+
+def peft_boft_fits(module: nn.Module) -> bool:
+    """Whether PEFT BOFT (block 8, 2 butterfly factors) is given this layer: linear layers whose in features
+    split into an even number of blocks of 8. PEFT BOFT keeps a dense fan-in x fan-in permutation per layer
+    and builds a dense rotation of that size every step: 11520^2 (0.5 GB) for a 1280-channel 3x3 conv,
+    which took the full SD1.5 UNet past 24 GiB of host memory before its first step. Convs are left out."""
+    return isinstance(module, nn.Linear) and module.in_features % (2 * PEFT_BOFT_BLOCK) == 0
 
 
 def inject(method: str, unet: nn.Module, tes: list[nn.Module], names: dict[int, list[str]], preset: str
@@ -126,7 +143,12 @@ def inject(method: str, unet: nn.Module, tes: list[nn.Module], names: dict[int, 
     if method.startswith(("lora", "peft")):
         from peft import BOFTConfig, LoraConfig, OFTConfig, inject_adapter_in_model
 
+        left_out = 0
         for i, model in enumerate(models):
+            if method == "peft-boft":  # PEFT refuses the whole model when one layer breaks its rule
+                kept = [n for n in names[i] if peft_boft_fits(model.get_submodule(n))]
+                left_out += len(names[i]) - len(kept)
+                names = {**names, i: kept}
             if not names[i]:
                 continue
             if method == "lora-r8":
@@ -134,11 +156,11 @@ def inject(method: str, unet: nn.Module, tes: list[nn.Module], names: dict[int, 
             elif method == "peft-oft":
                 cfg = OFTConfig(r=0, oft_block_size=32, target_modules=names[i], use_cayley_neumann=False)
             else:
-                cfg = BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=names[i])
+                cfg = BOFTConfig(boft_block_size=PEFT_BOFT_BLOCK, boft_n_butterfly_factor=2, target_modules=names[i])
             inject_adapter_in_model(cfg, model)
             count += len(names[i])
         params = [p for m in models for p in m.parameters() if p.requires_grad]
-        return params, f"{count} layers"
+        return params, f"{count} layers" + (f" ({left_out} left out: convs, see peft_boft_fits)" if left_out else "")
     from layers import lyco_boft_dim
     from lycoris.modules.boft import ButterflyOFTModule
     from lycoris.modules.diag_oft import DiagOFTModule
@@ -195,26 +217,31 @@ def _setup(opts: dict[str, Any]) -> None:
         torch.set_num_threads(opts["threads"])
 
 
-def prepare(method: str, opts: dict[str, Any]) -> tuple[Callable[[], float], dict[str, Any]]:
-    """A fresh model with `method` injected: its timed step (seconds, CUDA-synchronised) and its table row."""
+def prepare(method: str, opts: dict[str, Any]) -> tuple[Callable[[int], Callable[[], float]], dict[str, Any]]:
+    """A fresh model with `method` injected, and its table row. Returns `steps_for(batch)`, which gives the
+    timed step (seconds, CUDA-synchronised) on `batch` samples; the model is built once for all batches."""
     device = torch.device(opts["device"])
-    unet, tes, inputs = build_models(opts["model"], device, opts["batch"])
+    unet, tes = build_models(opts["model"], device)
     names = target_names(unet, tes, opts["preset"])
     params, desc = inject(method, unet, tes, names, opts["preset"])
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opts["amp"]]
-    step = step_fn(unet, tes, inputs, opt, amp)
 
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    def steps_for(batch: int) -> Callable[[], float]:
+        step = step_fn(unet, tes, make_inputs(opts["model"], unet, tes, batch, device), opt, amp)
 
-    return timed, {"method": method, "layers": desc, "params": sum(p.numel() for p in params)}
+        def timed() -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        return timed
+
+    return steps_for, {"method": method, "layers": desc, "params": sum(p.numel() for p in params)}
 
 
 def _times(times: list[float]) -> dict[str, Any]:
@@ -222,50 +249,78 @@ def _times(times: list[float]) -> dict[str, Any]:
             "load": os.getloadavg()[0]}
 
 
-def measure(method: str, opts: dict[str, Any]) -> dict[str, Any]:
+def measure(method: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """One method on one model, every batch size of `opts["batches"]` in turn: a row per batch. On CUDA the
+    peak memory is that of the batch's timed steps; a batch that runs out of memory gets an error row."""
     _setup(opts)
-    timed, row = prepare(method, opts)
-    for _ in range(opts["warmup"]):
-        timed()
+    steps_for, base = prepare(method, opts)
     cuda = opts["device"] == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    row.update(_times([timed() for _ in range(opts["steps"])]))
-    if cuda:
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return row
+    rows = []
+    for batch in opts["batches"]:
+        row = {**base, "batch": batch}
+        try:
+            timed = steps_for(batch)
+            for _ in range(opts["warmup"]):
+                timed()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            row.update(_times([timed() for _ in range(opts["steps"])]))
+            if cuda:
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        except torch.OutOfMemoryError as e:
+            row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0]}"
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def measure_interleaved(methods: list[str], opts: dict[str, Any]) -> list[dict[str, Any]]:
     """Every method in ONE process, each on its own copy of the model, stepped in turn: step i of every
     method runs within the same few seconds, so a host that slows down for a while slows all of them alike
-    (separate processes each meet the host at a different time). No peak memory: the copies share it."""
+    (separate processes each meet the host at a different time). No peak memory: the copies share it.
+    A row per method and batch size (batches one after the other, each with its own warm-up)."""
     _setup(opts)
-    runs: dict[str, Callable[[], float]] = {}
-    rows: dict[str, dict[str, Any]] = {}
+    makers: dict[str, Callable[[int], Callable[[], float]]] = {}
+    base: dict[str, dict[str, Any]] = {}
     for m in methods:
         try:
-            timed, rows[m] = prepare(m, opts)
-            for _ in range(opts["warmup"]):
-                timed()
+            makers[m], base[m] = prepare(m, opts)
         except Exception as e:  # noqa: BLE001  (a method that cannot run is reported, the others go on)
-            rows[m] = {"method": m, "error": f"{type(e).__name__}: {e}"}
-            continue
-        runs[m] = timed
-    times: dict[str, list[float]] = {m: [] for m in runs}
-    for _ in range(opts["steps"]):
-        for m, timed in runs.items():
-            times[m].append(timed())
-    for m in runs:
-        rows[m].update(_times(times[m]))
-    return [rows[m] for m in methods]
+            base[m] = {"method": m, "error": _error(e)}
+    rows: list[dict[str, Any]] = []
+    for batch in opts["batches"]:
+        runs: dict[str, Callable[[], float]] = {}
+        out = {m: {**base[m], "batch": batch} for m in methods}
+        for m, steps_for in makers.items():
+            try:
+                timed = steps_for(batch)
+                for _ in range(opts["warmup"]):
+                    timed()
+            except Exception as e:  # noqa: BLE001
+                out[m]["error"] = _error(e)
+                continue
+            runs[m] = timed
+        times: dict[str, list[float]] = {m: [] for m in runs}
+        for _ in range(opts["steps"]):
+            for m, timed in runs.items():
+                times[m].append(timed())
+        for m in runs:
+            out[m].update(_times(times[m]))
+        rows += [out[m] for m in methods]
+    return rows
 
 
-def report(model: str, opts: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+def report(model: str, batch: int, opts: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """One table: time, it/s and (CUDA) peak memory of each method, against the frozen model and LoRA r8."""
     ok = {r["method"]: r for r in rows if "ms" in r}
     frozen, lora = ok.get("frozen"), ok.get("lora-r8")
-    lines = [f"\n## {model} (batch {opts['batch']}, amp {opts['amp']}, median of {opts['steps']} steps)\n"]
+    lines = [f"\n## {model} (batch {batch}, amp {opts['amp']}, median of {opts['steps']} steps)\n"]
     lines.append("| method | layers | trainable params | ms/step | it/s | x frozen | it/s x LoRA | peak GiB | "
                  "peak x LoRA | notes |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -303,12 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                     help="all methods in one process, stepped in turn (default on CPU; on CUDA each method gets its "
                     "own process, so that its peak memory is its own)")
+    ap.add_argument("--start", choices=["fork", "spawn"], default=None,
+                    help="how worker processes start (default: spawn on CUDA, which a forked process cannot use; fork "
+                    "on CPU, which saves the imports)")
     ap.add_argument("--out", default="bench/results/train_step.md")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     interleave = (not cuda) if args.interleave is None else args.interleave
+    # The parent asks CUDA for the device name; a process forked after that cannot use CUDA: spawn there.
+    start = args.start or ("spawn" if cuda else "fork")
     models = [args.model] if args.model else (["sd15", "sdxl"] if cuda else ["mid"])
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
@@ -327,33 +387,52 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"- preset `{args.preset}` picks the layers (lycoft's rule); every peer adapts the same modules")
     lines.append(f"- load average at start {os.getloadavg()[0]:.2f}")
     lines.append("- " + ("all methods in one process, each on its own model copy, stepped in turn (`--interleave`)"
-                         if interleave else "each method in its own forked process"))
+                         if interleave else
+                         f"each method in its own process ({start}), all batch sizes of a model in that process"))
     batches = [int(b) for b in (args.batch or ("1,4" if cuda else "1")).split(",") if b]
-    results: dict[str, list[dict[str, Any]]] = {}
-    for model in models:
-        for batch in batches:
-            opts = {"model": model, "preset": args.preset, "device": device, "threads": args.threads,
-                    "steps": args.steps or (10 if cuda else 5), "warmup": args.warmup, "batch": batch,
-                    "amp": args.amp or ("bf16" if cuda else "no")}
-            if interleave:
-                rows = run_forked(measure_interleaved, (methods, opts), args.timeout * len(methods))
-                rows = rows if isinstance(rows, list) else [{"method": m, **rows} for m in methods]
-            else:
-                rows = []
-                for m in methods:
-                    r = run_forked(measure, (m, opts), args.timeout)
-                    r.setdefault("method", m)
-                    rows.append(r)
-            for r in rows:
-                status = f"{r['ms']:9.1f} ms" if "ms" in r else r["error"].strip().splitlines()[-1][:100]
-                print(f"{model:5s} batch {batch} {r['method']:17s} {status}", flush=True)
-            results[f"{model} batch {batch}"] = rows
-            lines += report(model, opts, rows)
-    lines.append(f"\n- load average at end {os.getloadavg()[0]:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    results: dict[str, list[dict[str, Any]]] = {}
+    report_opts: dict[str, Any] = {}
+
+    def write() -> None:
+        """The report as far as it goes, rewritten after every measurement: a run stopped from outside
+        (a time limit) still leaves every finished row on disk."""
+        body = list(lines)
+        for key, rows in results.items():
+            model, batch = key.split(" batch ")
+            body += report(model, int(batch), report_opts, rows)
+        body.append(f"\n- load average at end {os.getloadavg()[0]:.2f}")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("\n".join(body) + "\n")
+        tmp.replace(out)
+        tmp_json = out.with_suffix(".json.tmp")
+        tmp_json.write_text(json.dumps(results, indent=1))
+        tmp_json.replace(out.with_suffix(".json"))
+
+    def add(model: str, got: Any, expected: list[str]) -> None:
+        """File the rows a worker returned (or its error, once per expected method and batch)."""
+        if isinstance(got, dict):  # the worker died, timed out or raised
+            got = [{"method": m, "batch": b, **got} for m in expected for b in batches]
+        for r in got:
+            results.setdefault(f"{model} batch {r['batch']}", []).append(r)
+            status = f"{r['ms']:9.1f} ms" if "ms" in r else r["error"].strip().splitlines()[-1][:100]
+            print(f"{model:5s} batch {r['batch']} {r['method']:17s} {status}", flush=True)
+        write()
+
+    for model in models:
+        opts = {"model": model, "preset": args.preset, "device": device, "threads": args.threads,
+                "steps": args.steps or (10 if cuda else 5), "warmup": args.warmup, "batches": batches,
+                "amp": args.amp or ("bf16" if cuda else "no")}
+        report_opts = opts
+        for b in batches:
+            results[f"{model} batch {b}"] = []
+        if interleave:
+            add(model, run_forked(measure_interleaved, (methods, opts), args.timeout * len(methods) * len(batches),
+                                  start), methods)
+        else:
+            for m in methods:
+                add(model, run_forked(measure, (m, opts), args.timeout * len(batches), start), [m])
     print(f"wrote {out}")
     return 0
 

@@ -36,3 +36,35 @@ def test_train_step_interleaved_on_the_tiny_model(tmp_path):
     results = json.loads(out.with_suffix(".json").read_text())["tiny-sd1 batch 2"]
     assert [r["method"] for r in results] == ["frozen", "lora-r8", "lycoft-oft"]
     assert all(r["ms"] > 0 and r["steps"] == 1 for r in results)
+
+
+def test_train_step_per_process_spawned_with_two_batch_sizes(tmp_path):
+    # the CUDA default (one spawned process per method, every batch size in it), run on CPU
+    out = tmp_path / "train_step.md"
+    assert train_step.main(["--model", "tiny-sd1", "--steps", "1", "--warmup", "1", "--batch", "1,2", "--preset",
+                            "full", "--methods", "lycoft-oft,peft-boft", "--no-interleave", "--start", "spawn",
+                            "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "each method in its own process (spawn)" in text
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert list(results) == ["tiny-sd1 batch 1", "tiny-sd1 batch 2"]
+    for rows in results.values():
+        assert [r["method"] for r in rows] == ["lycoft-oft", "peft-boft"]
+        assert all("error" not in r and r["ms"] > 0 for r in rows), rows
+        # PEFT BOFT refuses a model with conv_in (fan-in 4 x 3 x 3 = 36) in it: its convs are left out
+        assert "left out: convs" in rows[1]["layers"]
+
+
+def test_full_size_models_build_and_take_every_adapter_on_the_meta_device():
+    # what a GPU run builds first (sd15 from the bundled config), without its 4 GB of weights
+    import torch
+
+    unet, tes = train_step.build_models("sd15", torch.device("meta"))
+    assert sum(p.numel() for p in unet.parameters()) > 800e6 and unet.conv_in.weight.is_meta
+    names = train_step.target_names(unet, tes, "full")
+    assert len(names[0]) > 250 and len(names[1]) > 50
+    for method in ("lycoft-oft", "lora-r8", "lyco-diag-oft-bp"):
+        unet, tes = train_step.build_models("sd15", torch.device("meta"))
+        params, desc = train_step.inject(method, unet, tes, names, "full")
+        assert desc.startswith(f"{len(names[0]) + len(names[1])} layers"), (method, desc)
+        assert params and all(p.is_meta for p in params)
