@@ -287,3 +287,30 @@ def test_network_alpha_is_accepted_but_reported_as_ignored(data_dir, caplog):
     cfg = parse_args([*base_args(data_dir), "--network_alpha", "1"])
     assert cfg.network_alpha == 1.0 and "network_alpha" not in str(cfg.network_options())
     assert any("--network_alpha 1.0 is ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_text_encoder_lr_takes_one_value_or_one_per_sdxl_text_encoder(data_dir, tmp_path):
+    cfg = parse_args([*base_args(data_dir), "--text_encoder_lr", "1e-5", "2e-5"])
+    assert cfg.text_encoder_lr == [1e-5, 2e-5]
+    assert cfg.text_encoder_lrs(2) == [1e-5, 2e-5]
+    with pytest.raises(ConfigError, match=r"has 2 values \(1e-05 2e-05\) but this model has 1 text encoder; "
+                                          r"give one value"):
+        cfg.text_encoder_lrs(1)
+    one = parse_args([*base_args(data_dir), "--text_encoder_lr", "5e-5"])
+    assert one.text_encoder_lr == [5e-5] and one.text_encoder_lrs(2) == [5e-5, 5e-5]
+    assert parse_args(base_args(data_dir)).text_encoder_lrs(2) == [None, None]  # = --learning_rate
+    # TOML: a number (the kohya configs' form) or a list; both come back from the written config
+    for text, expected in (("text_encoder_lr = 5e-5", [5e-5]), ("text_encoder_lr = [1e-5, 3]", [1e-5, 3.0])):
+        cfg = parse_args([*base_args(data_dir), "--config", str(write(tmp_path / "c.toml", text))])
+        assert cfg.text_encoder_lr == expected
+        again = parse_args([*base_args(data_dir), "--config",
+                            str(write(tmp_path / "again.toml", config_to_toml(cfg)))])
+        assert again.text_encoder_lr == expected
+    with pytest.raises(ConfigError, match=r"--text_encoder_lr must be one number, or two for SDXL's two text "
+                                          r"encoders, got '1e-5 fast'"):
+        parse_args([*base_args(data_dir), "--text_encoder_lr", "1e-5", "fast"])
+    with pytest.raises(ConfigError, match=r"--text_encoder_lr must be one number, or two .*got \[1e-05, 1e-05, "
+                                          r"1e-05\]"):
+        parse_args([*base_args(data_dir), "--text_encoder_lr", "1e-5", "1e-5", "1e-5"])
+    with pytest.raises(ConfigError, match=r"--text_encoder_lr must be >= 0, got 1e-05 -0.001"):
+        parse_args([*base_args(data_dir), "--text_encoder_lr", "1e-5", "-0.001"])

@@ -311,3 +311,14 @@ def test_boft_trains_under_bf16_mixed_precision(toy, tmp_path):
     result = run(toy, tmp_path / "out", mixed_precision="bf16", max_train_steps=1,
                  network_args=["algo=boft", "block_size=4", "preset=attn-only"])
     assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_sdxl_takes_a_learning_rate_per_text_encoder(toy, tmp_path):
+    out = tmp_path / "out"
+    result = run(toy, out, model="builtin:tiny-sdxl", max_train_steps=1, unet_lr=1e-3,
+                 text_encoder_lr=["2e-4", "3e-4"], network_args=["preset=attn-only"])
+    # parameter groups in component order: te1 (CLIP-L), te2 (OpenCLIP-G), unet
+    assert result.learning_rates[-1] == pytest.approx((2e-4, 3e-4, 1e-3))
+    assert metadata(result.adapter)["ss_text_encoder_lr"] == "[0.0002, 0.0003]"
+    with pytest.raises(lycoft.training.errors.ConfigError, match="has 2 values .* 1 text encoder"):
+        run(toy, tmp_path / "sd1", max_train_steps=1, text_encoder_lr=["2e-4", "3e-4"])

@@ -232,9 +232,11 @@ class TrainConfig:
         1e-4, "Base learning rate. OFT parameters are rotations, so rates well above LoRA's "
         "(1e-4..1e-3) are usual; too high overshoots the subject.", group="optimizer")
     unet_lr: float | None = flag(None, "UNet learning rate; unset = --learning_rate.", group="optimizer")
-    text_encoder_lr: float | None = flag(
+    text_encoder_lr: list[float] | None = flag(
         None, "Text encoder learning rate; unset = --learning_rate. Lower than the UNet's keeps the "
-        "text encoder from overfitting the trigger.", group="optimizer")
+        "text encoder from overfitting the trigger. SDXL takes one per text encoder, as in kohya "
+        "(--text_encoder_lr 1e-5 2e-5: CLIP-L, then OpenCLIP-G); one value serves both.",
+        group="optimizer", kind="floats")
     max_grad_norm: float = flag(
         1.0, "Clip the gradient norm to this (0 = no clipping).", group="optimizer")
 
@@ -354,6 +356,18 @@ class TrainConfig:
             return "sd2"
         return None
 
+    def text_encoder_lrs(self, count: int) -> list[float | None]:
+        """The learning rate of each of `count` text encoders (None = --learning_rate): one value of
+        --text_encoder_lr serves all of them, two name SDXL's two in order."""
+        lrs = self.text_encoder_lr
+        if not lrs:
+            return [None] * count
+        if len(lrs) > count:
+            raise ConfigError(
+                f"--text_encoder_lr has {len(lrs)} values ({' '.join(map(str, lrs))}) but this model has "
+                f"{count} text encoder{'s' if count != 1 else ''}; give one value")
+        return [lrs[i] if i < len(lrs) else lrs[0] for i in range(count)]
+
     def resolved_resolution(self, family: str | None = None) -> tuple[int, int]:
         """(width, height): the flag if given, else the family's native size."""
         if self.resolution is not None:
@@ -401,7 +415,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class _Flag:
     name: str
-    kind: str  # bool, int, float, str, list, resolution, warmup
+    kind: str  # bool, int, float, floats, str, list, resolution, warmup
     nullable: bool
     default: Any
     help: str
@@ -437,6 +451,7 @@ _EXPECTED = {
     "float": "a number",
     "str": "a string",
     "list": "a list of strings",
+    "floats": "one number, or two for SDXL's two text encoders",
     "resolution": "a size like 512 or '512,768'",
     "warmup": "an integer step count or a fraction < 1",
 }
@@ -450,6 +465,11 @@ def _from_text(f: _Flag, text: str | list[str], where: str) -> Any:
     """Turn command-line text into the Python value a TOML file would have given."""
     if f.kind == "list":
         return list(text)
+    if f.kind == "floats":
+        try:
+            return [float(t) for t in text]
+        except ValueError:
+            raise ConfigError(f"{where} must be {_EXPECTED[f.kind]}, got {' '.join(text)!r}") from None
     assert isinstance(text, str)
     try:
         if f.kind == "bool":
@@ -490,6 +510,12 @@ def _check(f: _Flag, value: Any, where: str) -> Any:
             value = [f"{k}={_toml_scalar_text(v)}" for k, v in value.items()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _type_error(f, value, where)
+    elif kind == "floats":
+        items = value if isinstance(value, list) else [value]
+        if not items or len(items) > 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            raise _type_error(f, value, where)
+        value = [float(v) for v in items]
     elif kind == "resolution":
         value = parse_resolution(value, where)
     elif kind == "warmup":
@@ -678,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs.update(nargs="?", const="true", metavar="true|false")
         elif f.kind == "list":
             kwargs.update(nargs="*", metavar="KEY=VALUE")
+        elif f.kind == "floats":
+            kwargs.update(nargs="+", metavar="X")
         elif f.choices:
             kwargs.update(metavar="{" + "|".join(f.choices) + "}")
         else:
@@ -855,10 +883,10 @@ def validate(cfg: TrainConfig) -> None:
     # optimizer and schedule
     if not cfg.learning_rate > 0:
         p.append(f"--learning_rate must be > 0, got {cfg.learning_rate}")
-    for name in ("unet_lr", "text_encoder_lr"):
-        v = getattr(cfg, name)
-        if v is not None and v < 0:
-            p.append(f"--{name} must be >= 0, got {v}")
+    if cfg.unet_lr is not None and cfg.unet_lr < 0:
+        p.append(f"--unet_lr must be >= 0, got {cfg.unet_lr}")
+    if any(v < 0 for v in cfg.text_encoder_lr or ()):
+        p.append(f"--text_encoder_lr must be >= 0, got {' '.join(map(str, cfg.text_encoder_lr or ()))}")
     if cfg.max_grad_norm < 0:
         p.append(f"--max_grad_norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}")
     try:

@@ -370,8 +370,9 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
     network.train()
 
     # 3. optimizer, schedule, accelerate ---------------------------------------------------------
+    te_lrs = cfg.text_encoder_lrs(len(models.text_encoders))
     groups = network.parameter_groups(
-        {"unet": cfg.unet_lr, "te1": cfg.text_encoder_lr, "te2": cfg.text_encoder_lr}, cfg.learning_rate)
+        {"unet": cfg.unet_lr, **{f"te{i + 1}": lr for i, lr in enumerate(te_lrs)}}, cfg.learning_rate)
     optimizer = build_optimizer(cfg, groups)
     batches = EpochBatches(dataset.batch_sampler(seed=seed), rank, world)
     accum = cfg.gradient_accumulation_steps
