@@ -20,6 +20,7 @@ from lycoft.training.dataset import TrainingDataset, build_dataset
 from lycoft.training.dataset_config import (
     DatasetConfig,
     SubsetConfig,
+    dataset_defaults,
     dreambooth_subsets,
     load_dataset_config,
     parse_dreambooth_folder_name,
@@ -191,6 +192,83 @@ def test_caption_dropout_rate():
     assert all(transform_caption("a, b", rng, dropout_rate=1.0) == "" for _ in range(10))
     dropped = sum(transform_caption("a, b", rng, dropout_rate=0.3) == "" for _ in range(4000))
     assert abs(dropped / 4000 - 0.3) < 0.03
+
+
+def test_prefix_suffix_and_secondary_separator_in_kohya_order():
+    # prefix and suffix join with a space; ';;;' keeps "red;;;collar" one tag through the shuffle, then
+    # becomes the caption separator
+    for seed in range(20):
+        out = transform_caption("dog, red;;;collar, grass", random.Random(seed), prefix="sks,", suffix=", photo",
+                                shuffle=True, keep_tokens=1, secondary_separator=";;;")
+        tags = out.split(", ")
+        assert tags[0] == "sks" and sorted(tags[1:]) == sorted(["dog", "red,collar", "grass", "photo"])
+    # other separators: tags split on it and re-joined with it and a space
+    assert transform_caption("a; b; c", random.Random(0), separator=";", tag_dropout_rate=1e-9) == "a; b; c"
+    assert transform_caption("sks dog", random.Random(0), prefix="photo of") == "photo of sks dog"
+    # a dropped caption is empty, prefix included (kohya drops after adding it)
+    assert transform_caption("a, b", random.Random(0), prefix="sks", drop=True) == ""
+
+
+def test_wildcards_choose_one_line_and_one_option_each_step():
+    caption = "a {red|blue|green} {{literal}} {cat|dog}\nsecond line {x|y}"
+    seen = set()
+    for seed in range(200):
+        out = transform_caption(caption, random.Random(seed), wildcard=True)
+        seen.add(out)
+        assert out in {f"a {c} {{literal}} {a}" for c in ("red", "blue", "green") for a in ("cat", "dog")} | \
+            {"second line x", "second line y"}
+    assert len(seen) == 8  # every line and every option occurs
+    # without wildcards a multi-line caption is its first line, braces untouched
+    assert transform_caption(caption, random.Random(0)) == "a {red|blue|green} {{literal}} {cat|dog}"
+
+
+def test_wildcard_subsets_read_every_line_and_every_nth_epoch_drops_captions(tmp_path):
+    folder = tmp_path / "img"
+    save_image(folder / "a.png", (32, 32))
+    (folder / "a.txt").write_text("sks {dog|puppy}\n\nsks in the {park|snow}\n")
+    ds = TrainingDataset([one_dataset(folder, resolution=(32, 32), caption_extension=".txt", num_repeats=1,
+                                      enable_wildcard=True, caption_dropout_every_n_epochs=3)])
+    assert ds.records[0].caption == "sks {dog|puppy}\nsks in the {park|snow}"
+    captions = {epoch: ds[(epoch, 0)]["caption"] for epoch in range(30)}
+    # epochs 3, 6, 9... counted from 1 (kohya) are 2, 5, 8... counted from 0
+    assert all((captions[e] == "") == (e % 3 == 2) for e in captions)
+    assert {c for c in captions.values() if c} == {"sks dog", "sks puppy", "sks in the park", "sks in the snow"}
+    assert ds[(4, 0)]["caption"] == captions[4]  # a pure function of (seed, epoch, slot)
+    with pytest.raises(ConfigError, match=r"change every step \(shuffle, dropout or wildcards\)"):
+        ds.fixed_captions()
+    with pytest.raises(ValueError, match="caption_dropout_every_n_epochs must be >= 0"):
+        SubsetConfig(image_dir=folder, caption_dropout_every_n_epochs=-1)
+    with pytest.raises(ValueError, match="caption_separator must be a visible character"):
+        SubsetConfig(image_dir=folder, caption_separator=" ")
+
+
+def test_caption_options_come_from_dataset_toml_and_trainer_flags(tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    toml = tmp_path / "data.toml"
+    toml.write_text(f'''[general]
+caption_prefix = "sks"
+enable_wildcard = true
+[[datasets]]
+[[datasets.subsets]]
+image_dir = "{img.as_posix()}"
+caption_suffix = "photo"
+caption_separator = ";"
+secondary_separator = "^"
+caption_dropout_every_n_epochs = 2
+''')
+    (sub,) = load_dataset_config(toml)[0].subsets
+    assert (sub.caption_prefix, sub.caption_suffix, sub.enable_wildcard, sub.caption_separator,
+            sub.secondary_separator, sub.caption_dropout_every_n_epochs) == ("sks", "photo", True, ";", "^", 2)
+    cfg = parse_args(["--caption_prefix", "sks", "--enable_wildcard", "--caption_dropout_every_n_epochs", "4"],
+                     check=False)
+    (sub,) = load_dataset_config(toml, defaults=dataset_defaults(cfg))[0].subsets
+    assert sub.caption_dropout_every_n_epochs == 2 and sub.caption_prefix == "sks"  # the TOML wins
+    with pytest.raises(ConfigError, match=r"--cache_text_encoder_outputs needs fixed captions, but "
+                                          r"--enable_wildcard, --caption_dropout_every_n_epochs change them"):
+        parse_args(["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--train_data_dir", str(tmp_path),
+                    "--cache_text_encoder_outputs", "--network_train_unet_only", "--enable_wildcard",
+                    "--caption_dropout_every_n_epochs", "2"])
 
 
 def test_tag_dropout_keeps_kept_tokens():

@@ -158,6 +158,21 @@ class TrainConfig:
     caption_tag_dropout_rate: float = flag(
         0.0, "Probability of dropping each non-kept tag. Makes the adapter depend less on any single "
         "tag; too much blurs what the tags mean.", group="captions")
+    caption_dropout_every_n_epochs: int = flag(
+        0, "Train every N-th epoch (counting from 1) with empty captions only; 0 = off.", group="captions")
+    caption_prefix: str = flag(
+        "", "Text put before every caption, with a space (e.g. a trigger word the caption files lack).",
+        group="captions")
+    caption_suffix: str = flag("", "Text put after every caption, with a space.", group="captions")
+    enable_wildcard: bool = flag(
+        False, "Wildcard captions: each step picks one line of a multi-line caption file and one "
+        "option of every {a|b|c} ('{{' and '}}' are literal braces).", group="captions")
+    caption_separator: str = flag(
+        ",", "What separates the tags that --shuffle_caption, --keep_tokens and tag dropout work on.",
+        group="captions")
+    secondary_separator: str = flag(
+        "", "Joins words that shuffle and tag dropout keep together as one tag (e.g. ';;;'); replaced "
+        "by --caption_separator afterwards.", group="captions")
 
     # --- caching ---
     cache_latents: bool = flag(
@@ -846,6 +861,10 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--keep_tokens must be >= 0, got {cfg.keep_tokens}")
     in_range("caption_dropout_rate", 0.0, 1.0)
     in_range("caption_tag_dropout_rate", 0.0, 1.0)
+    if cfg.caption_dropout_every_n_epochs < 0:
+        p.append(f"--caption_dropout_every_n_epochs must be >= 0 (0 = off), got {cfg.caption_dropout_every_n_epochs}")
+    if not cfg.caption_separator.strip():
+        p.append(f"--caption_separator must be a visible character such as ',', got {cfg.caption_separator!r}")
 
     # caching
     if (cfg.cache_latents or cfg.cache_latents_to_disk) and cfg.random_crop:
@@ -855,8 +874,9 @@ def validate(cfg: TrainConfig) -> None:
         if not cfg.network_train_unet_only:
             p.append("--cache_text_encoder_outputs needs a frozen text encoder: add "
                      "--network_train_unet_only")
-        varying = [n for n in ("shuffle_caption",) if getattr(cfg, n)]
-        varying += [n for n in ("caption_dropout_rate", "caption_tag_dropout_rate") if getattr(cfg, n) > 0]
+        varying = [n for n in ("shuffle_caption", "enable_wildcard") if getattr(cfg, n)]
+        varying += [n for n in ("caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs")
+                    if getattr(cfg, n) > 0]
         if varying:
             names = ", ".join("--" + v for v in varying)
             p.append(f"--cache_text_encoder_outputs needs fixed captions, but {names} change them every "

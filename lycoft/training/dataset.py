@@ -132,7 +132,7 @@ class TrainingDataset(torch.utils.data.Dataset):
                 logger.warning("skipping unreadable image %s (%s)", path, reason)
                 self.skipped_images.append((path, reason))
                 continue
-            caption = read_caption(path, subset.caption_extension)
+            caption = read_caption(path, subset.caption_extension, all_lines=subset.enable_wildcard)
             if caption is None:
                 fallback += 1
                 caption = subset.class_tokens or ""
@@ -217,11 +217,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         flip = subset.flip_aug and rng.random() < 0.5
         cache = self._latent_cache
         plan = plan_crop(record.size, record.bucket, rng if subset.random_crop and cache is None else None)
-        caption = transform_caption(
-            record.caption, rng, shuffle=subset.shuffle_caption, keep_tokens=subset.keep_tokens,
-            keep_tokens_separator=subset.keep_tokens_separator, dropout_rate=subset.caption_dropout_rate,
-            tag_dropout_rate=subset.caption_tag_dropout_rate,
-        )
+        caption = transform_caption(record.caption, rng, drop=subset.drops_captions(epoch),
+                                    **subset.caption_options())
         left, top = plan.left_top
         if flip:
             left = plan.resized[0] - left - plan.target[0]
@@ -279,12 +276,12 @@ class TrainingDataset(torch.utils.data.Dataset):
         not change between steps."""
         varying = sorted({str(r.subset.image_dir) for r in self.records if r.subset.captions_vary})
         if varying:
-            raise ConfigError(f"captions of {', '.join(varying)} change every step (shuffle or dropout), so "
+            raise ConfigError(f"captions of {', '.join(varying)} change every step (shuffle, dropout or wildcards), so "
                               "text encoder outputs cannot be cached; turn those off or the caching")
         # No randomness is left to draw; the generator is only there to satisfy the signature.
         rng = random.Random(0)
         return list(dict.fromkeys(
-            transform_caption(r.caption, rng, keep_tokens_separator=r.subset.keep_tokens_separator)
+            transform_caption(r.caption, rng, **r.subset.caption_options())
             for r in self.records
         ))
 
@@ -313,7 +310,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         """kohya's ``ss_tag_frequency``: folder name -> tag -> number of images carrying it."""
         out: dict[str, Counter[str]] = {}
         for r in self.records:
-            out.setdefault(r.subset.name, Counter()).update(split_tags(r.caption))
+            out.setdefault(r.subset.name, Counter()).update(split_tags(r.caption.replace("\n", ","), ","))
         return {k: dict(v) for k, v in out.items()}
 
     def summary(self) -> str:

@@ -33,7 +33,10 @@ class SubsetConfig:
         is_reg: regularization images: cycled to match the training images, loss-weighted by
             ``prior_loss_weight``.
         shuffle_caption, keep_tokens, keep_tokens_separator, caption_dropout_rate,
-        caption_tag_dropout_rate: caption augmentation (see `captions.transform_caption`).
+        caption_tag_dropout_rate, caption_prefix, caption_suffix, enable_wildcard, caption_separator,
+        secondary_separator: caption augmentation (see `captions.transform_caption`).
+        caption_dropout_every_n_epochs: every N-th epoch (1-based, as kohya counts) trains with empty
+            captions only.
         flip_aug: random horizontal flips.
         random_crop: random instead of center crops (not with latent caching).
     """
@@ -48,6 +51,12 @@ class SubsetConfig:
     keep_tokens_separator: str = ""
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    enable_wildcard: bool = False
+    caption_separator: str = ","
+    secondary_separator: str = ""
     flip_aug: bool = False
     random_crop: bool = False
 
@@ -62,6 +71,12 @@ class SubsetConfig:
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.caption_dropout_every_n_epochs < 0:
+            raise ValueError(f"caption_dropout_every_n_epochs must be >= 0 (0 = off), got "
+                             f"{self.caption_dropout_every_n_epochs}")
+        if not self.caption_separator.strip():
+            raise ValueError(f"caption_separator must be a visible character such as ',', got "
+                             f"{self.caption_separator!r}")
 
     @property
     def name(self) -> str:
@@ -70,7 +85,21 @@ class SubsetConfig:
     @property
     def captions_vary(self) -> bool:
         """True when the same image gets different captions on different steps."""
-        return self.shuffle_caption or self.caption_dropout_rate > 0 or self.caption_tag_dropout_rate > 0
+        return (self.shuffle_caption or self.caption_dropout_rate > 0 or self.caption_tag_dropout_rate > 0
+                or self.caption_dropout_every_n_epochs > 0 or self.enable_wildcard)
+
+    def drops_captions(self, epoch: int) -> bool:
+        """Whether 0-based `epoch` is one of the every-N-th epochs that train without captions."""
+        n = self.caption_dropout_every_n_epochs
+        return n > 0 and (epoch + 1) % n == 0
+
+    def caption_options(self) -> dict[str, Any]:
+        """This subset's keyword arguments of `captions.transform_caption` (all but ``drop``)."""
+        return {"shuffle": self.shuffle_caption, "keep_tokens": self.keep_tokens,
+                "keep_tokens_separator": self.keep_tokens_separator, "dropout_rate": self.caption_dropout_rate,
+                "tag_dropout_rate": self.caption_tag_dropout_rate, "prefix": self.caption_prefix,
+                "suffix": self.caption_suffix, "wildcard": self.enable_wildcard,
+                "separator": self.caption_separator, "secondary_separator": self.secondary_separator}
 
 
 @dataclass(frozen=True)
@@ -118,7 +147,8 @@ _SUBSET_KEYS: dict[str, str] = {
     "image_dir": "str", "num_repeats": "int", "class_tokens": "str", "caption_extension": "str",
     "is_reg": "bool", "shuffle_caption": "bool", "keep_tokens": "int", "keep_tokens_separator": "str",
     "caption_dropout_rate": "float", "caption_tag_dropout_rate": "float", "flip_aug": "bool",
-    "random_crop": "bool",
+    "random_crop": "bool", "caption_dropout_every_n_epochs": "int", "caption_prefix": "str",
+    "caption_suffix": "str", "enable_wildcard": "bool", "caption_separator": "str", "secondary_separator": "str",
 }
 _DATASET_KEYS: dict[str, str] = {
     "resolution": "resolution", "batch_size": "int", "enable_bucket": "bool", "min_bucket_reso": "int",
@@ -126,9 +156,8 @@ _DATASET_KEYS: dict[str, str] = {
 }
 # kohya options lycoft does not implement: named as such, so the user is not told they made a typo.
 _KOHYA_ONLY = {
-    "color_aug", "face_crop_aug_range", "metadata_file", "conditioning_data_dir", "caption_prefix",
-    "caption_suffix", "caption_separator", "secondary_separator", "enable_wildcard",
-    "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step", "alpha_mask",
+    "color_aug", "face_crop_aug_range", "metadata_file", "conditioning_data_dir",
+    "token_warmup_min", "token_warmup_step", "alpha_mask",
     "network_multiplier", "validation_seed", "validation_split", "cache_info", "custom_attributes",
     "debug_dataset", "resize_interpolation",
 }

@@ -74,6 +74,7 @@ def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_proces
         "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_caption_dropout_rate": cfg.caption_dropout_rate,
         "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_keep_tokens": cfg.keep_tokens,
         "ss_flip_aug": cfg.flip_aug,
