@@ -11,6 +11,16 @@ torch.set_num_threads(1)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread and leaves it so: the tiny models gain nothing from a second, and on
+    a shared 2-core machine a second OpenMP thread makes their forward passes 10-30x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipes():
     """Builder of the builtin tiny pipelines (fresh each call: tests mutate weights)."""

@@ -30,16 +30,6 @@ from lycoft.formats import UnsafeCheckpointError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread, and on a shared 2-core machine a second
-    OpenMP thread makes their forward passes 10-30x slower (measured), so these tests run on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 COMPONENTS = {
     "sd1": ("unet", "vae", "text_encoder"),
     "sd2": ("unet", "vae", "text_encoder"),

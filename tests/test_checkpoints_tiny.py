@@ -12,16 +12,6 @@ import torch
 from lycoft.checkpoints import FAMILIES, build_tiny_pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models gain nothing from a second thread, and on a shared 2-core machine a second
-    OpenMP thread makes their forward passes 10-30x slower (measured), so these tests run on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

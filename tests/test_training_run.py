@@ -21,15 +21,6 @@ from lycoft.training.config import parse_args
 from lycoft.training.toy_data import make_toy_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and threads thrash on shared CPUs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
     return make_toy_dataset(tmp_path_factory.mktemp("toy"), n=4, size=64)
