@@ -3,7 +3,8 @@
 lycoft OFT/BOFT against LyCORIS (diag-oft, boft), PEFT (OFT, BOFT) and PEFT LoRA, all on the SAME set of
 layers: the layers that `lycoft.inject(..., preset=...)` adapts are named, and each peer adapts exactly
 those modules. One step = text encoder forward, UNet forward on noisy latents, MSE loss, backward, AdamW
-on the adapter parameters; base weights frozen. Each method runs in its own forked process.
+on the adapter parameters; base weights frozen. On CPU all methods share one process and are stepped in turn
+(`--interleave`); on CUDA each method gets its own spawned process (its own peak memory).
 
     python bench/train_step.py                 # CPU: mid-size random UNet (64,128,256) at 32x32 latents
     python bench/train_step.py --model sd15    # CUDA: full-size SD1.5 UNet at 512 px (64x64 latents)
