@@ -268,7 +268,7 @@ def measure(method: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
             row.update(_times([timed() for _ in range(opts["steps"])]))
             if cuda:
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:
             row["error"] = f"OutOfMemoryError: {str(e).splitlines()[0]}"
         finally:
             if cuda:

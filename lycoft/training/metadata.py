@@ -32,6 +32,7 @@ def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_proces
     options.setdefault("preset", "full")
     options["algo"] = "diag-oft" if options["algo"] in ("oft", "diag-oft", "diag_oft") else options["algo"]
     resolution = cfg.resolved_resolution(family)
+    te_lrs = cfg.text_encoder_lr or [cfg.learning_rate]
     batch_size = max(ds.batch_size for ds in dataset.datasets)  # a dataset TOML may set its own
     md: dict[str, Any] = {
         "ss_session_id": session_id,
@@ -40,9 +41,8 @@ def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_proces
         "ss_vae_name": _model_name(cfg.vae),
         "ss_learning_rate": cfg.learning_rate,
         "ss_unet_lr": cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate,
-        # one value as a number (what readers of kohya files parse); SDXL's two as kohya writes its list
-        "ss_text_encoder_lr": (cfg.learning_rate if not cfg.text_encoder_lr else cfg.text_encoder_lr[0]
-                               if len(set(cfg.text_encoder_lr)) == 1 else cfg.text_encoder_lr),
+        # one rate as a number (what readers of kohya files parse); SDXL's two as kohya writes its list
+        "ss_text_encoder_lr": te_lrs[0] if len(set(te_lrs)) == 1 else te_lrs,
         "ss_num_train_images": dataset.num_train_slots,
         "ss_num_reg_images": dataset.num_reg_slots,
         "ss_num_batches_per_epoch": batches_per_epoch,
