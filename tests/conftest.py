@@ -29,6 +29,16 @@ def tiny_pipes():
     return build_tiny_pipeline
 
 
+def randomise(layer, std=0.1, seed=0):
+    """One adapted layer away from the identity: blocks ~ N(0, std), rescale ~ 1 + N(0, 0.2)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.oft_blocks.copy_(torch.randn(layer.oft_blocks.shape, generator=g) * std)
+        if layer.rescale is not None:
+            layer.rescale.copy_(1 + 0.2 * torch.randn(layer.rescale.shape, generator=g))
+    return layer
+
+
 def randomise_network(net, std=0.05, seed=0, rescale_std=0.1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomise_network
+from conftest import randomise, randomise_network
 from torch import nn
 
 import lycoft
@@ -40,15 +40,6 @@ def no_tf32():
 def rel(a, b):
     a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return float((a - b).abs().max() / b.abs().max())
-
-
-def randomise(layer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.oft_blocks.copy_(torch.randn(layer.oft_blocks.shape, generator=g) * 0.1)
-        if layer.rescale is not None:
-            layer.rescale.copy_(1 + 0.2 * torch.randn(layer.rescale.shape, generator=g))
-    return layer
 
 
 @pytest.mark.parametrize("device", DEVICES)

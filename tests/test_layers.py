@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import randomise
 from torch import nn
 
 from lycoft import AdapterConfig, wrap
@@ -23,15 +24,6 @@ CONFIGS = {
     "oft_input_rescale": AdapterConfig(block_size=8, side="input", rescale=True),
     "boft_rescale": AdapterConfig(algo="boft", block_size=4, butterfly_factors=3, rescale=True),
 }
-
-
-def randomise(layer, std=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.oft_blocks.copy_(torch.randn(layer.oft_blocks.shape, generator=g) * std)
-        if layer.rescale is not None:
-            layer.rescale.copy_(1 + 0.2 * torch.randn(layer.rescale.shape, generator=g))
-    return layer
 
 
 def rel(a, b):
