@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints.families import FAMILIES, detect_family_from_keys, detect_family_from_unet, family_info
+from .checkpoints.families import (
+    FAMILIES,
+    TEXT_ENCODER_COMPONENTS,
+    detect_family_from_keys,
+    detect_family_from_unet,
+    family_info,
+    family_of_metadata,
+)
 from .checkpoints.ldm_keys import (
     UNetLayout,
     ldm_key_to_modules,
@@ -31,13 +38,13 @@ from .checkpoints.ldm_keys import (
 )
 from .formats.errors import AdapterFileError
 from .formats.safe_io import read_safetensors_header
-from .naming import UNET_PREFIX, te_prefix, to_key
+from .naming import to_key
 
 log = logging.getLogger("lycoft")
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # diffusers folder component -> lycoft component name
-DIFFUSERS_COMPONENTS = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
+DIFFUSERS_COMPONENTS = {"unet": "unet", **TEXT_ENCODER_COMPONENTS}
 
 
 @dataclass(frozen=True)
@@ -137,23 +144,25 @@ def adapter_key_spellings(component: str, module: str, family: str, layout: UNet
                           ) -> list[str]:
     """The adapter keys that name layer `module` of `component`, the one lycoft writes first.
 
-    UNet: ``lora_unet_`` + LDM names for SDXL, diffusers names otherwise (SPEC section 4), and the other
-    vocabulary as an alias. Text encoders: ``lora_te_`` (``lora_te1_``/``lora_te2_`` for SDXL) + the
+    UNet: ``lora_unet_`` + the family's `FamilyInfo.unet_key_names` (LDM names for SDXL, diffusers
+    names otherwise), and the other vocabulary as an alias. Text encoders: the encoder's
+    `TextEncoderInfo.key_prefix` (``lora_te_``; ``lora_te1_``/``lora_te2_`` for SDXL) + the
     ``text_model_`` form; aliases without ``text_model_`` (LyCORIS under transformers 5) and, for a single
     encoder, ``lora_te1_``. Mirrors `lycoft.network.candidate_index` (a test keeps them equal).
     """
+    info = family_info(family)
     if component == "unet":
-        diffusers = to_key(UNET_PREFIX, module)
+        diffusers = to_key(info.unet_key_prefix, module)
         try:
-            ldm = to_key(UNET_PREFIX, unet_module_path_to_ldm(module, layout or UNetLayout.for_family(family)))
+            ldm = to_key(info.unet_key_prefix,
+                         unet_module_path_to_ldm(module, layout or UNetLayout.for_family(family)))
         except ValueError:
             ldm = None
-        keys = [ldm if (family == "sdxl" and ldm) else diffusers, diffusers]
+        keys = [ldm if (info.unet_key_names == "ldm" and ldm) else diffusers, diffusers]
         if ldm:
             keys.append(ldm)
     else:
-        count = len(family_info(family).text_prefixes)
-        prefix = te_prefix(int(component[2:]) - 1, count)
+        prefix = info.text_encoder(component).key_prefix
         wrapped = text_encoder_module_path(module)
         flat = wrapped[len("text_model."):] if wrapped.startswith("text_model.") else wrapped
         keys = [to_key(prefix, wrapped), to_key(prefix, flat)]
@@ -300,12 +309,4 @@ def family_of_adapter(metadata: dict[str, str]) -> str | None:
     fam = metadata.get("lycoft.family")
     if fam in FAMILIES:
         return fam
-    version = metadata.get("ss_base_model_version", "")
-    arch = metadata.get("modelspec.architecture", "")
-    for text, table in ((version, (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))),
-                        (arch, (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                                ("stable-diffusion-v1", "sd1")))):
-        for prefix, fam in table:
-            if text.startswith(prefix):
-                return fam
-    return None
+    return family_of_metadata(metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", ""))

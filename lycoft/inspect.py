@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .base_model import BaseModel, adapter_key_spellings, open_base
+from .checkpoints.families import family_info
 from .checkpoints.ldm_keys import text_encoder_module_path
 from .compatibility import CONSUMER_NAMES, FAILS, IGNORED, OK, STRENGTH_NOTE, WRONG, Verdict, verdicts
 from .formats.convert import ReadAdapter, guess_family, key_index, read_any_adapter
@@ -92,7 +93,7 @@ class Inspection:
 # --------------------------------------------------------------------------------------------- groups
 def group_of(component: str, module: str, family: str) -> str:
     if component != "unet":
-        return "TE" if family != "sdxl" else component.upper()
+        return "TE" if len(family_info(family).text_encoders) == 1 else component.upper()
     m = re.match(r"(down|up)_blocks\.(\d+)", module)
     if m:
         return f"{m[1]}{m[2]}"

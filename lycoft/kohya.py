@@ -38,7 +38,7 @@ from .config import AdapterConfig
 from .formats.lycoris import attach_specs, load_into_network, parse_adapter_tensors, save_network
 from .formats.safe_io import read_safetensors
 from .network import Network, _components
-from .targets import select_targets
+from .targets import check_preset, select_targets
 
 log = logging.getLogger("lycoft")
 
@@ -250,6 +250,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         log.info("lycoft: network_alpha=%s is ignored by OFT (use --network_args constraint=...)", network_alpha)
     tes = _text_encoders(text_encoder)
     family = _family(unet, tes)
+    check_preset(options["preset"], family)
     comps, key_of = _components(unet, tes, family)
     targets, skipped = select_targets(comps, key_of, config, options["preset"], options["include"],
                                       options["exclude"], None, options["conv_block_size"])

@@ -13,25 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoints.families import TEXT_ENCODER_COMPONENTS
+from .checkpoints.families import detect_family_from_models as detect_family
 from .config import AdapterConfig
 from .layers import OFTLayer
 from .rotations import RotationCache
-from .targets import Target, select_targets, te_key_function, unet_key_function
+from .targets import Target, check_preset, select_targets, te_key_function, unet_key_function
 
 log = logging.getLogger("lycoft")
-
-
-def detect_family(unet: nn.Module | None, text_encoders: Sequence[nn.Module]) -> str:
-    """sd1/sd2/sdxl from the models at hand (naming only differs for SDXL)."""
-    if len(text_encoders) >= 2:
-        return "sdxl"
-    cfg = getattr(unet, "config", None)
-    if cfg is not None and getattr(cfg, "addition_embed_type", None) == "text_time":
-        return "sdxl"
-    if cfg is not None and (getattr(cfg, "use_linear_projection", False) or
-                            getattr(cfg, "cross_attention_dim", None) == 1024):
-        return "sd2"
-    return "sd1"
 
 
 def _components(unet: nn.Module | None, text_encoders: Sequence[nn.Module], family: str):
@@ -191,6 +180,7 @@ def inject(
     unet, tes = _resolve_models(unet, text_encoders, pipe)
     config = config or AdapterConfig()
     family = family or detect_family(unet, tes)
+    check_preset(preset, family)
     comps, key_of = _components(unet, tes, family)
     targets, skipped = select_targets(comps, key_of, config, preset, include, exclude, overrides,
                                       conv_block_size)
@@ -215,8 +205,7 @@ def _resolve_models(unet, text_encoders, pipe) -> tuple[nn.Module | None, list[n
     if pipe is not None:
         unet = unet or getattr(pipe, "unet", None)
         if text_encoders is None:
-            text_encoders = [m for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
-                             if m is not None]
+            text_encoders = [m for m in (getattr(pipe, c, None) for c in TEXT_ENCODER_COMPONENTS) if m is not None]
     if text_encoders is None:
         tes: list[nn.Module] = []
     elif isinstance(text_encoders, nn.Module):

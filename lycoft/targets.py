@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .checkpoints.families import FAMILY_INFO, family_info
 from .config import AdapterConfig
 from .layers import SUPPORTED, UnsupportedLayerError, layer_dims
 from .naming import UNET_PREFIX, te_prefix, text_encoder_path, to_key
@@ -50,6 +51,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "convs": True,
     },
 }
+
+
+def check_preset(preset: str, family: str) -> None:
+    """Refuse a known preset that `family` does not offer (`FamilyInfo.presets`: a denoiser without
+    convolutions has no conv presets). Unknown presets are left to `select_targets`, which lists them all."""
+    offered = family_info(family).presets
+    if preset in PRESETS and preset not in offered:
+        raise ValueError(f"preset {preset!r} is not available for {family} models; use one of {', '.join(offered)}")
 
 
 @dataclass
@@ -153,13 +162,15 @@ def select_targets(
 
 
 def unet_key_function(unet: nn.Module, family: str | None) -> Any:
-    """path -> ``lora_unet_<name>``: diffusers names, except SDXL which uses LDM names (kohya convention).
+    """path -> ``lora_unet_<name>``: the family's `FamilyInfo.unet_key_names`, diffusers names except for
+    SDXL, which uses LDM names (kohya convention).
 
     A UNet whose own modules already carry LDM names (kohya sd-scripts' SDXL UNet) keeps them.
     """
     has_ldm_names = any(n.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for n, _ in
                         unet.named_modules())
-    if family != "sdxl" or has_ldm_names:
+    info = FAMILY_INFO.get(family or "")
+    if info is None or info.unet_key_names != "ldm" or has_ldm_names:
         return lambda path: to_key(UNET_PREFIX, path)
     from .checkpoints.ldm_keys import UNetLayout, unet_module_path_to_ldm
 

@@ -464,13 +464,13 @@ def pipeline_to_ldm_state_dict(pipe: Any, family: str) -> dict[str, torch.Tensor
     n_levels = len(pipe.vae.config.block_out_channels)
     for k, v in vae_state_dict_to_ldm(pipe.vae.state_dict(), n_levels).items():
         out[VAE_PREFIX + k] = v
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if len(info.text_prefixes) > 1 else [])
-    for encoder, prefix, kind in zip(encoders, info.text_prefixes, info.text_kinds):
+    for te in info.text_encoders:
+        encoder = getattr(pipe, te.component, None)
         if encoder is None:
-            raise ValueError(f"the pipeline has no text encoder for {prefix!r}; family {family!r} needs it")
-        convert = clip_state_dict_to_ldm if kind == CLIP else open_clip_state_dict_to_ldm
+            raise ValueError(f"the pipeline has no text encoder for {te.ldm_prefix!r}; family {family!r} needs it")
+        convert = clip_state_dict_to_ldm if te.kind == CLIP else open_clip_state_dict_to_ldm
         for k, v in convert(encoder.state_dict()).items():
-            out[prefix + k] = v
+            out[te.ldm_prefix + k] = v
     return out
 
 
@@ -552,14 +552,14 @@ def ldm_key_to_modules(key: str, family: str, layout: UNetLayout | None = None) 
         module, param = _split_key(key[len(UNET_PREFIX) :])
         layout = layout or UNetLayout.for_family(family)
         return [ModuleTarget("unet", unet_ldm_module_path_to_diffusers(module, layout), param)]
-    for component, prefix, kind in zip(info.text_components, info.text_prefixes, info.text_kinds):
-        if not key.startswith(prefix):
+    for te in info.text_encoders:
+        if not key.startswith(te.ldm_prefix):
             continue
-        rest = key[len(prefix) :]
-        if kind != CLIP:
-            return _open_clip_key_to_targets(rest, component)
+        rest = key[len(te.ldm_prefix) :]
+        if te.kind != CLIP:
+            return _open_clip_key_to_targets(rest, te.name)
         module, param = _split_key(text_encoder_module_path(rest))
         if param == "position_ids":
             return []
-        return [ModuleTarget(component, module, param)]
+        return [ModuleTarget(te.name, module, param)]
     return []

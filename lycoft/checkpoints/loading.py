@@ -28,6 +28,7 @@ from .bundled import bundled_config_dir, load_component_config
 from .families import (
     CLIP,
     FAMILIES,
+    FAMILY_INFO,
     MODELSPEC_VERSION,
     UNET_PREFIX,
     detect_family_from_keys,
@@ -43,7 +44,8 @@ from .tokenizer import tokenizer_for_config
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = {"tiny-sd1": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
+# builtin:<name> -> family: each family's tiny model, named after its bundled config
+BUILTINS = {info.tiny_config: info.name for info in FAMILY_INFO.values()}
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -90,11 +92,11 @@ def _as_safetensors(path: Path, allow_pickle: bool):
 def _text_vocab_sizes(family: str, shapes: Mapping[str, tuple]) -> list[int | None]:
     info = family_info(family)
     sizes: list[int | None] = []
-    for prefix, kind in zip(info.text_prefixes, info.text_kinds):
-        key = prefix + (
-            "text_model.embeddings.token_embedding.weight" if kind == CLIP else "token_embedding.weight"
+    for te in info.text_encoders:
+        key = te.ldm_prefix + (
+            "text_model.embeddings.token_embedding.weight" if te.kind == CLIP else "token_embedding.weight"
         )
-        alt = prefix + "embeddings.token_embedding.weight"  # CLIP saved without the text_model. wrapper
+        alt = te.ldm_prefix + "embeddings.token_embedding.weight"  # CLIP saved without the text_model. wrapper
         shape = shapes.get(key) or shapes.get(alt)
         sizes.append(int(shape[0]) if shape else None)
     return sizes
@@ -165,8 +167,8 @@ def _load_single_file(path: Path, family, v_prediction, dtype, allow_pickle, con
         info = family_info(family)
         config_dir = Path(config) if config else _pick_bundled_config(family, shapes)
         kwargs: dict[str, Any] = {}
-        for i, size in enumerate(_text_vocab_sizes(family, shapes)):
-            component = "tokenizer" if i == 0 else "tokenizer_2"
+        for i, (te, size) in enumerate(zip(info.text_encoders, _text_vocab_sizes(family, shapes))):
+            component = te.tokenizer
             if not _has_tokenizer_files(config_dir, component):
                 if size is None:
                     raise ValueError(

@@ -15,17 +15,16 @@ from typing import Any
 import torch
 
 from .bundled import bundled_config_dir, load_component_config
-from .families import family_info
+from .families import TextEncoderInfo, family_info
 from .tokenizer import tokenizer_for_config
 
 
-def _text_encoder(config_name: str, component: str) -> Any:
+def _text_encoder(config_name: str, te: TextEncoderInfo) -> Any:
     import transformers
 
-    cfg = load_component_config(config_name, component)
-    model_cls = getattr(transformers, cfg["architectures"][0])
+    cfg = load_component_config(config_name, te.component)
     text_cfg = transformers.CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
-    return model_cls(text_cfg)
+    return getattr(transformers, te.model_class)(text_cfg)
 
 
 def build_tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
@@ -35,43 +34,26 @@ def build_tiny_pipeline(family: str, seed: int = 0, dtype: torch.dtype = torch.f
     tokenizers use the tiny byte-level vocabulary (552 tokens). Default image size 64x64 (latents 8x8).
     """
     import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     info = family_info(family)
     name = info.tiny_config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # Fixed construction order: every module draws its init from the same seeded stream.
-        unet = UNet2DConditionModel.from_config(load_component_config(name, "unet"))
+        unet = getattr(diffusers, info.denoiser_class).from_config(load_component_config(name, "unet"))
         vae = AutoencoderKL.from_config(load_component_config(name, "vae"))
-        encoders = [_text_encoder(name, "text_encoder")]
-        if len(info.text_prefixes) > 1:
-            encoders.append(_text_encoder(name, "text_encoder_2"))
+        encoders = [_text_encoder(name, te) for te in info.text_encoders]
     sched_cfg = load_component_config(name, "scheduler")
     scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     folder = bundled_config_dir(name)
-    tokenizers = [
-        tokenizer_for_config(folder, "tokenizer" if i == 0 else "tokenizer_2", enc.config.vocab_size)
-        for i, enc in enumerate(encoders)
-    ]
     parts: dict[str, Any] = dict(vae=vae, unet=unet, scheduler=scheduler)
-    if len(encoders) == 1:
-        pipe = diffusers.StableDiffusionPipeline(
-            text_encoder=encoders[0],
-            tokenizer=tokenizers[0],
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **parts,
-        )
-    else:
-        pipe = diffusers.StableDiffusionXLPipeline(
-            text_encoder=encoders[0],
-            text_encoder_2=encoders[1],
-            tokenizer=tokenizers[0],
-            tokenizer_2=tokenizers[1],
-            **parts,
-        )
+    for te, encoder in zip(info.text_encoders, encoders):
+        parts[te.component] = encoder
+        parts[te.tokenizer] = tokenizer_for_config(folder, te.tokenizer, encoder.config.vocab_size)
+    if info.pipeline_class == "StableDiffusionPipeline":
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, info.pipeline_class)(**parts)
     pipe.set_progress_bar_config(disable=True)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)

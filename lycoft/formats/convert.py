@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from ..base_model import BaseModel, adapter_key_spellings, family_of_adapter, open_base
-from ..checkpoints.families import FAMILIES, family_info
+from ..checkpoints.families import FAMILIES, FAMILY_INFO, SD1, family_info
 from ..checkpoints.ldm_keys import UNetLayout, text_encoder_module_path, unet_module_path_to_ldm
-from ..naming import UNET_PREFIX, te_prefix, to_key
+from ..naming import to_key
 from .atomic import refuse_overwrite, same_file
 from .errors import AdapterFileError
 from .lycoris import ModuleSpec, parse_adapter_tensors, save_specs, specs_metadata
@@ -98,10 +98,10 @@ def _family_module_paths(family: str) -> tuple[tuple[str, str], ...]:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(load_component_config(info.config, "unet"))
         models: dict[str, Any] = {"unet": unet}
-        for i, comp in enumerate(info.text_components):
-            cfg = load_component_config(info.config, "text_encoder" if i == 0 else "text_encoder_2")
+        for te in info.text_encoders:
+            cfg = load_component_config(info.config, te.component)
             text_cfg = transformers.CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
-            models[comp] = transformers.CLIPTextModel(text_cfg)
+            models[te.name] = transformers.CLIPTextModel(text_cfg)
     for comp, model in models.items():
         for path, module in model.named_modules():
             if path and isinstance(module, SUPPORTED):
@@ -127,24 +127,29 @@ def key_index(family: str, base: BaseModel | None = None) -> dict[str, tuple[str
 def spell_key(component: str, path: str, family: str, style: str | None, layout: UNetLayout) -> str:
     """The key lycoft writes for a layer: text encoders in the ``text_model_`` form; UNet in `style`
     (``ldm`` / ``diffusers``; None = the family's convention)."""
+    info = family_info(family)
     if component != "unet":
-        count = len(family_info(family).text_prefixes)
-        return to_key(te_prefix(int(component[2:]) - 1, count), text_encoder_module_path(path))
-    style = style or ("ldm" if family == "sdxl" else "diffusers")
-    return to_key(UNET_PREFIX, unet_module_path_to_ldm(path, layout) if style == "ldm" else path)
+        return to_key(info.text_encoder(component).key_prefix, text_encoder_module_path(path))
+    style = style or info.unet_key_names
+    return to_key(info.unet_key_prefix, unet_module_path_to_ldm(path, layout) if style == "ldm" else path)
 
 
 def guess_family(adapter: ReadAdapter) -> str:
-    """Family from metadata, else from key names: ``lora_te2_`` or LDM UNet names mean SDXL."""
+    """Family from metadata, else from key names: keys or PEFT modules of a second text encoder
+    (``lora_te2_``, ``te2``), or LDM UNet names, point to the family that has one or writes them (SDXL);
+    otherwise sd1."""
     fam = family_of_adapter(adapter.metadata)
     if fam:
         return fam
     keys = list(adapter.specs) or list(adapter.diffs)
-    if any(k.startswith("lora_te2_") or "input_blocks" in k or "output_blocks" in k for k in keys):
-        return "sdxl"
-    if adapter.peft and any(m.component == "te2" for m in adapter.peft.modules):
-        return "sdxl"
-    return "sd1"
+    peft_components = {m.component for m in adapter.peft.modules} if adapter.peft else set()
+    for info in FAMILY_INFO.values():
+        later = info.text_encoders[1:]
+        if (any(k.startswith(te.key_prefix + "_") for te in later for k in keys)
+                or any(te.name in peft_components for te in later)
+                or (info.unet_key_names == "ldm" and any("input_blocks" in k or "output_blocks" in k for k in keys))):
+            return info.name
+    return SD1
 
 
 # ------------------------------------------------------------------------------------------ converting

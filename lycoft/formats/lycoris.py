@@ -17,6 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..checkpoints.families import (
+    FAMILY_INFO,
+    MODELSPEC_VERSION,
+    SD1,
+    modelspec_architecture,
+    ss_base_model_version,
+)
 from ..config import AdapterConfig, BlockLayout
 from ..ops import constraint_scale, inverse_cayley, orthogonality_error, skew
 from .errors import AdapterFileError
@@ -29,10 +36,6 @@ log = logging.getLogger("lycoft")
 ALPHA_MARGIN = 1e-4  # alpha = ||Q_stored|| * (1 + margin) + 1e-6: no consumer's clamp ever fires
 ALPHA_FLOOR = 1e-6
 ORTHO_TOL = 1e-3  # an oft_diag block further from orthogonal than this carries a folded rescale
-
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 # -- writing ----------------------------------------------------------------------------------------------
@@ -94,23 +97,17 @@ def network_metadata(net: Network, output_name: str | None = None, v_prediction:
         args["constraint"] = str(cfg.constraint)
     if cfg.rescale:
         args["rescaled"] = "True"
-    base = BASE_MODEL_VERSION.get(net.family, "sd_v1")
-    if net.family == "sd2" and v_prediction:
-        base += "_v"
-    arch = ARCHITECTURE.get(net.family, "stable-diffusion-v1")
-    if net.family == "sd2" and v_prediction:
-        arch = "stable-diffusion-v2-768-v"
+    info = FAMILY_INFO.get(net.family, FAMILY_INFO[SD1])
     md = {
         "ss_network_module": "lycoft.kohya",
         "ss_network_dim": str(first.block_size if first else ""),
         "ss_network_alpha": str(cfg.constraint),
         "ss_network_args": json.dumps(args),
-        "ss_base_model_version": base,
-        "ss_v2": str(net.family == "sd2"),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if net.family == "sdxl" else "diffusers",
+        "ss_base_model_version": ss_base_model_version(info.name, v_prediction),
+        "ss_v2": str(info.ss_v2),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": modelspec_architecture(info.name, v_prediction, adapter="lora"),
+        "modelspec.implementation": info.modelspec_implementation,
         "lycoft.version": __version__,
         "lycoft.algo": first.algo if first else "oft",
         "lycoft.block_sizes": json.dumps(sorted({layer.layout.block_size for layer in layers})),
@@ -436,8 +433,8 @@ def specs_metadata(specs: Mapping[str, ModuleSpec], family: str | None,
     })
     if family:
         md["lycoft.family"] = family
-        md.setdefault("ss_base_model_version", BASE_MODEL_VERSION[family])
-        md.setdefault("modelspec.architecture", ARCHITECTURE[family] + "/lora")
+        md.setdefault("ss_base_model_version", ss_base_model_version(family))
+        md.setdefault("modelspec.architecture", modelspec_architecture(family, adapter="lora"))
     md.setdefault("ss_network_module", "lycoft.kohya")
     return md
 

@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
+from ..checkpoints.families import TEXT_ENCODER_COMPONENTS
 from .errors import AdapterFileError
 from .lycoris import ModuleSpec
 
 PEFTMODEL_PREFIX = "base_model.model."
-COMPONENT_PREFIXES = {"unet.": "unet", "text_encoder.": "te1", "text_encoder_2.": "te2"}
-COMPONENT_NAMES = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+COMPONENT_PREFIXES = {"unet.": "unet", **{f"{c}.": name for c, name in TEXT_ENCODER_COMPONENTS.items()}}
+COMPONENT_NAMES = {name: prefix[:-1] for prefix, name in COMPONENT_PREFIXES.items()}
 _PARAM = re.compile(r"^(?P<path>.+)\.(?P<param>oft_R\.weight|boft_R|boft_s)$")
 _TE_PATH = re.compile(r"^(text_model\.|encoder\.layers\.)")
 CONFIG_FILE = "adapter_config.json"

@@ -1,10 +1,11 @@
 """What the UNet is conditioned on: captions -> text-encoder states, and SDXL's size/crop `time_ids`.
 
-SD1/SD2: the last hidden state of the one text encoder (or, with ``clip_skip = n``, the n-th from the
-end passed through the final layer norm, as the SD1 pipelines do).
-SDXL: ``hidden_states[-2]`` of both encoders (no final norm) concatenated along the feature axis, the
-pooled projection of the second encoder, and ``time_ids = (orig_h, orig_w, crop_top, crop_left,
-target_h, target_w)`` per image.
+The family's `FamilyInfo` says which states: ``text_hidden_state = "last"`` (SD1/SD2): the last hidden
+state of the one text encoder (or, with ``clip_skip = n``, the n-th from the end passed through the final
+layer norm, as the SD1 pipelines do); ``"penultimate"`` (SDXL): ``hidden_states[-2]`` of every encoder
+(no final norm) concatenated along the feature axis. ``pooled_text_embeds``: the pooled projection of the
+last encoder too. ``uses_time_ids``: ``time_ids = (orig_h, orig_w, crop_top, crop_left, target_h,
+target_w)`` per image.
 Captions longer than 75 tokens are encoded in 75-token chunks when ``max_token_length`` is 150 or 225
 (kohya's scheme): each chunk gets its own BOS/EOS, the states are concatenated, and only the first BOS
 and the last EOS are kept.
@@ -18,12 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lycoft.checkpoints.families import family_info
+
 CHUNK = 75  # caption tokens per text-encoder call (77 minus BOS and EOS)
 
 
 @dataclass
 class TextConditioning:
-    """Batch-first text conditioning: ``hidden`` ``(B, L, D)``; ``pooled`` ``(B, P)`` for SDXL else None."""
+    """Batch-first text conditioning: ``hidden`` ``(B, L, D)``; ``pooled`` ``(B, P)`` for families with
+    pooled text embeddings (SDXL), else None."""
 
     hidden: Tensor
     pooled: Tensor | None = None
@@ -76,6 +80,7 @@ class TextConditioner:
     def __init__(self, family: str, text_encoders: Sequence[nn.Module], tokenizers: Sequence, *,
                  clip_skip: int | None = None, max_token_length: int | None = None) -> None:
         self.family = family
+        self.info = family_info(family)
         self.text_encoders = list(text_encoders)
         self.tokenizers = list(tokenizers)
         self.clip_skip = clip_skip or 1
@@ -91,8 +96,8 @@ class TextConditioner:
 
     def encode(self, captions: Sequence[str]) -> TextConditioning:
         device = self.device
-        if self.family == "sdxl":
-            return self._encode_sdxl(captions, device)
+        if self.info.text_hidden_state == "penultimate":
+            return self._encode_penultimate(captions, device)
         te, tok = self.text_encoders[0], self.tokenizers[0]
         states = []
         for ids in _token_chunks(tok, captions, self.chunks, device):
@@ -104,15 +109,16 @@ class TextConditioner:
             states.append(h)
         return TextConditioning(_join_chunks(states))
 
-    def _encode_sdxl(self, captions: Sequence[str], device: torch.device) -> TextConditioning:
+    def _encode_penultimate(self, captions: Sequence[str], device: torch.device) -> TextConditioning:
         hidden, pooled = [], None
         layer = -self.clip_skip - 1
+        last = len(self.text_encoders) - 1
         for index, (te, tok) in enumerate(zip(self.text_encoders, self.tokenizers)):
             states = []
             for chunk_index, ids in enumerate(_token_chunks(tok, captions, self.chunks, device)):
                 out = te(ids, output_hidden_states=True)
                 states.append(out.hidden_states[layer])
-                if index == 1 and chunk_index == 0:
+                if self.info.pooled_text_embeds and index == last and chunk_index == 0:
                     pooled = out.text_embeds
             hidden.append(_join_chunks(states))
         return TextConditioning(torch.cat(hidden, dim=-1), pooled)

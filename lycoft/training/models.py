@@ -77,6 +77,7 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
     """Load the base pipeline named by `cfg`, frozen, on `device`, in the training weight dtype."""
     from diffusers import DDPMScheduler
 
+    from lycoft.checkpoints.families import pipeline_text_encoders
     from lycoft.checkpoints.loading import load_pipeline
 
     pipe, family, v_prediction = load_pipeline(
@@ -89,8 +90,7 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
                 "v-prediction" if v_prediction else "epsilon prediction")
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
-    text_encoders = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
-    tokenizers = [tok for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tok is not None]
+    text_encoders, tokenizers = pipeline_text_encoders(pipe, family)
     for module in (pipe.unet, pipe.vae, *text_encoders):
         module.requires_grad_(False)
         module.eval()

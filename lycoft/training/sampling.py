@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from lycoft.checkpoints.families import detect_family_from_unet, pipeline_text_encoders
 from lycoft.training.conditioning import TextConditioner, TextConditioning
 from lycoft.training.errors import ConfigError
 from lycoft.training.sampler import derive_seed
@@ -139,10 +140,9 @@ def make_sampler(name: str, scheduler_config: Any):
 
 
 def default_conditioner(pipe: Any) -> TextConditioner:
-    """The training-time text conditioning of `pipe` (family from its text encoders)."""
-    encoders = [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
-    tokenizers = [tok for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tok is not None]
-    return TextConditioner("sdxl" if len(encoders) > 1 else "sd1", encoders, tokenizers)
+    """The training-time text conditioning of `pipe` (family from its UNet)."""
+    family = detect_family_from_unet(pipe.unet)
+    return TextConditioner(family, *pipeline_text_encoders(pipe, family))
 
 
 def _prompt_kwargs(pipe: Any, conditioner: TextConditioner, p: SamplePrompt) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def _prompt_kwargs(pipe: Any, conditioner: TextConditioner, p: SamplePrompt) -> 
     """
     dtype = pipe.unet.dtype
     pos = conditioner.encode([p.prompt])
-    zeros_for_empty = conditioner.family == "sdxl" and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
+    zeros_for_empty = pos.pooled is not None and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
     if not p.negative_prompt and zeros_for_empty:
         neg = TextConditioning(torch.zeros_like(pos.hidden), torch.zeros_like(pos.pooled))
     else:
