@@ -151,24 +151,25 @@ class FamilyInfo:
         raise ValueError(f"{self.name} has no text encoder {name!r}; it has {', '.join(self.text_components)}")
 
 
-_SD_UNET = dict(denoiser_class="UNet2DConditionModel", unet_key_prefix="lora_unet", presets=UNET_PRESETS)
-_SD_V1_TE = TextEncoderInfo(
-    name="te1", component="text_encoder", tokenizer="tokenizer", model_class="CLIPTextModel",
-    ldm_prefix="cond_stage_model.transformer.", kind=CLIP, key_prefix="lora_te",
-)
-
 FAMILY_INFO: dict[str, FamilyInfo] = {
     SD1: FamilyInfo(
         name=SD1,
-        **_SD_UNET,
+        denoiser_class="UNet2DConditionModel",
         pipeline_class="StableDiffusionPipeline",
-        text_encoders=(_SD_V1_TE,),
+        text_encoders=(
+            TextEncoderInfo(
+                name="te1", component="text_encoder", tokenizer="tokenizer", model_class="CLIPTextModel",
+                ldm_prefix="cond_stage_model.transformer.", kind=CLIP, key_prefix="lora_te",
+            ),
+        ),
+        unet_key_prefix="lora_unet",
         unet_key_names="diffusers",
         linear_projection=False,
         uses_time_ids=False,
         pooled_text_embeds=False,
         text_hidden_state="last",
         resolution=512,
+        presets=UNET_PRESETS,
         file_prediction="epsilon",
         ss_base_model_version="sd_v1",
         ss_base_model_version_v="sd_v1_v",
@@ -182,7 +183,7 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
     ),
     SD2: FamilyInfo(
         name=SD2,
-        **_SD_UNET,
+        denoiser_class="UNet2DConditionModel",
         pipeline_class="StableDiffusionPipeline",
         text_encoders=(
             TextEncoderInfo(
@@ -190,12 +191,14 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
                 ldm_prefix="cond_stage_model.model.", kind=OPEN_CLIP, key_prefix="lora_te",
             ),
         ),
+        unet_key_prefix="lora_unet",
         unet_key_names="diffusers",
         linear_projection=True,
         uses_time_ids=False,
         pooled_text_embeds=False,
         text_hidden_state="last",
         resolution=512,
+        presets=UNET_PRESETS,
         file_prediction=None,
         ss_base_model_version="sd_v2",
         ss_base_model_version_v="sd_v2_v",
@@ -209,7 +212,7 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
     ),
     SDXL: FamilyInfo(
         name=SDXL,
-        **_SD_UNET,
+        denoiser_class="UNet2DConditionModel",
         pipeline_class="StableDiffusionXLPipeline",
         text_encoders=(
             TextEncoderInfo(
@@ -222,12 +225,14 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
                 kind=OPEN_CLIP, key_prefix="lora_te2",
             ),
         ),
+        unet_key_prefix="lora_unet",
         unet_key_names="ldm",
         linear_projection=True,
         uses_time_ids=True,
         pooled_text_embeds=True,
         text_hidden_state="penultimate",
         resolution=1024,
+        presets=UNET_PRESETS,
         file_prediction="epsilon",
         ss_base_model_version="sdxl_base_v1-0",
         ss_base_model_version_v="sdxl_base_v1-0",
@@ -246,6 +251,7 @@ FAMILIES: tuple[str, ...] = tuple(FAMILY_INFO)
 TEXT_ENCODER_COMPONENTS: dict[str, str] = {
     te.component: te.name for info in FAMILY_INFO.values() for te in info.text_encoders
 }
+
 
 def family_info(family: str) -> FamilyInfo:
     """The facts of `family`; raises ValueError naming the valid families otherwise."""
