@@ -177,6 +177,8 @@ def inject(
     family: str | None = None,
     multiplier: float = 1.0,
     pipe: Any = None,
+    network_class: type[Network] = Network,
+    apply: bool = True,
 ) -> Network:
     """Attach fresh (identity) adapters to a UNet and/or text encoders and return the `Network`.
 
@@ -187,6 +189,9 @@ def inject(
     fields for the matching layers (e.g. ``{"conv": {"block_size": 16}}``); ``conv_block_size`` is the
     shorthand for kernel > 1 convolutions. Layers that cannot take the requested sizes are skipped and
     named in one log line. ``pipe``: a diffusers pipeline instead of unet/text_encoders.
+    ``NetworkOptions.inject_kwargs()`` gives every selection argument from ``key=value`` options.
+    ``network_class``: a `Network` subclass to build (kohya's entry points); ``apply=False`` builds the
+    adapters without routing the model through them yet.
     """
     unet, tes = _resolve_models(unet, text_encoders, pipe)
     config = config or AdapterConfig()
@@ -199,7 +204,7 @@ def inject(
             f"no layer matched preset {preset!r} with include={include!r} exclude={exclude!r}; "
             "check the regexes against the module names (model.named_modules())"
         )
-    net = Network(family, config, preset)
+    net = network_class(family, config, preset)
     for t in targets:
         net.add(t)
     net.skipped = skipped
@@ -208,7 +213,7 @@ def inject(
         log.warning("lycoft: skipped %d layer(s) that cannot take the requested adapter: %s (first reason: %s)",
                     len(skipped), names, skipped[0][1])
     net.set_multiplier(multiplier)
-    return net.apply()
+    return net.apply() if apply else net
 
 
 def _resolve_models(unet, text_encoders, pipe) -> tuple[nn.Module | None, list[nn.Module]]:

@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from lycoft.config import OPTIONS, NetworkOptions, parse_network_args
 from lycoft.training.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -42,23 +43,6 @@ SAMPLERS = (
     "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
 )
 NETWORK_MODULES = ("lycoft", "lycoft.kohya")
-
-# `--network_args` keys and their value types; the network builder reads them through
-# `TrainConfig.network_options()`, which parses them once, here.
-NETWORK_ARG_TYPES: dict[str, type] = {
-    "algo": str,
-    "block_size": int,
-    "block_num": int,
-    "butterfly_factors": int,
-    "constraint": float,
-    "rescale": bool,
-    "dropout": float,
-    "preset": str,
-    "include": str,
-    "exclude": str,
-    "conv_block_size": int,
-    "side": str,
-}
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -288,12 +272,12 @@ class TrainConfig:
         None, "Ignored for OFT/BOFT; accepted so kohya configs load. The constraint is set with "
         "network_args constraint=...", group="network")
     network_args: list[str] = flag(
-        [], "Adapter options as key=value: algo=oft|boft, block_size, block_num, butterfly_factors, "
-        "constraint, rescale, dropout, preset, include, exclude (regex), conv_block_size, side.",
+        [], "Adapter options as key=value, the same keys as --network_module lycoft.kohya takes: "
+        + ", ".join(o.key for o in OPTIONS if not o.ignored) + " (README, 'Network args').",
         group="network")
     network_dropout: float | None = flag(
-        None, "Block dropout: each rotation block is replaced by the identity with this probability "
-        "during training (same as network_args dropout).", group="network")
+        None, "kohya's neuron dropout (network_args dropout): has no meaning for a rotation, so it is "
+        "reported and ignored. Block dropout is network_args module_dropout=<p>.", group="network")
     network_weights: str | None = flag(
         None, "Start from these adapter weights (a warm start, not a resume).", group="network")
     network_train_unet_only: bool = flag(
@@ -417,14 +401,10 @@ class TrainConfig:
                 out[key] = value
         return out
 
-    def network_options(self) -> dict[str, Any]:
-        """`--network_args` typed, with `--network_dim` and `--network_dropout` folded in."""
-        opts = parse_network_args(self.network_args)
-        if self.network_dim is not None and "block_size" not in opts and "block_num" not in opts:
-            opts["block_size"] = self.network_dim
-        if self.network_dropout is not None and "dropout" not in opts:
-            opts["dropout"] = self.network_dropout
-        return opts
+    def network_options(self) -> NetworkOptions:
+        """`--network_args` with `--network_dim` and `--network_dropout`, read by the one option schema."""
+        return parse_network_args(self.network_args, network_dim=self.network_dim,
+                                  network_dropout=self.network_dropout, source="--network_args")
 
 
 @dataclass(frozen=True)
@@ -545,6 +525,8 @@ def _check(f: _Flag, value: Any, where: str) -> Any:
         value = int(chosen) if kind == "int" else chosen
     if f.name == "optimizer_type":
         value = _optimizer_name(value, where)
+    if f.name == "network_args":  # checked and written in the schema's canonical spelling
+        value = parse_network_args(value, source=where).to_args()
     if f.name == "caption_extension" and value and not value.startswith("."):
         value = "." + value  # 'txt' can only mean '.txt'
     return value
@@ -602,31 +584,6 @@ def _split_kv(item: str, flag_name: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise ConfigError(f"--{flag_name} item {item!r} is not key=value; write e.g. 'block_size=16'")
     return key.strip(), value.strip()
-
-
-def parse_network_args(items: Sequence[str]) -> dict[str, Any]:
-    """['algo=boft', 'block_size=8'] -> {'algo': 'boft', 'block_size': 8}, checking keys and types."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, text = _split_kv(item, "network_args")
-        if key not in NETWORK_ARG_TYPES:
-            raise ConfigError(
-                f"unknown network_args key {key!r}{did_you_mean(key, NETWORK_ARG_TYPES)} "
-                f"(known: {', '.join(NETWORK_ARG_TYPES)})"
-            )
-        typ = NETWORK_ARG_TYPES[key]
-        try:
-            if typ is bool:
-                if text.lower() not in _TRUE + _FALSE:
-                    raise ValueError
-                value: Any = text.lower() in _TRUE
-            else:
-                value = typ(text)
-        except ValueError:
-            kind = {bool: "true or false", int: "an integer", float: "a number"}[typ]
-            raise ConfigError(f"network_args {key} must be {kind}, got {text!r}") from None
-        out[key] = value
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -938,7 +895,8 @@ def validate(cfg: TrainConfig) -> None:
                        "--network_args constraint=...", cfg.network_alpha)
     in_range("network_dropout", 0.0, 1.0, hi_open=True)
     try:
-        _check_network_args(cfg)
+        for note in cfg.network_options().notes:
+            logger.warning("%s", note)
     except ConfigError as e:
         p.append(str(e))
     if cfg.network_weights and not Path(cfg.network_weights).is_file():
@@ -987,30 +945,6 @@ def validate(cfg: TrainConfig) -> None:
     if p:
         head = "1 problem" if len(p) == 1 else f"{len(p)} problems"
         raise ConfigError(f"{head} in the training configuration:\n" + "\n".join(f"  - {m}" for m in p))
-
-
-def _check_network_args(cfg: TrainConfig) -> None:
-    opts = parse_network_args(cfg.network_args)
-    if cfg.network_dim is not None and opts.get("block_size", cfg.network_dim) != cfg.network_dim:
-        raise ConfigError(f"--network_dim {cfg.network_dim} and network_args block_size={opts['block_size']} "
-                          "disagree (both are the block size); keep one")
-    if cfg.network_dim is not None and "block_num" in opts:
-        raise ConfigError(f"--network_dim {cfg.network_dim} (block size) and network_args "
-                          f"block_num={opts['block_num']} both given; keep one")
-    if cfg.network_dropout is not None and opts.get("dropout", cfg.network_dropout) != cfg.network_dropout:
-        raise ConfigError(f"--network_dropout {cfg.network_dropout} and network_args "
-                          f"dropout={opts['dropout']} disagree; keep one")
-    from lycoft.config import AdapterConfig  # the adapter's own rules are the single source of truth
-
-    adapter_keys = {"algo", "block_size", "block_num", "butterfly_factors", "constraint", "rescale",
-                    "side", "dropout"}
-    merged = cfg.network_options()
-    try:
-        AdapterConfig(**{k: v for k, v in merged.items() if k in adapter_keys})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"network_args: {e}") from None
-    if "conv_block_size" in opts and opts["conv_block_size"] < 1:
-        raise ConfigError(f"network_args conv_block_size must be >= 1, got {opts['conv_block_size']}")
 
 
 # --------------------------------------------------------------------------------------------------

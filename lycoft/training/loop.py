@@ -37,8 +37,6 @@ from lycoft.training.sampler import derive_seed
 
 logger = logging.getLogger("lycoft.train")
 
-ADAPTER_KEYS = ("algo", "block_size", "block_num", "butterfly_factors", "constraint", "rescale", "side", "dropout")
-
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the state before that step was saved (see the message)."""
@@ -172,18 +170,12 @@ def build_network(cfg: TrainConfig, models: Any):
     """Inject fresh adapters as `cfg` says (`--network_args`, `--network_train_*_only`)."""
     import lycoft
 
-    opts = cfg.network_options()
-    adapter = lycoft.AdapterConfig(**{k: opts[k] for k in ADAPTER_KEYS if k in opts})
     try:
         network = lycoft.inject(
             unet=None if cfg.network_train_text_encoder_only else models.unet,
             text_encoders=[] if cfg.network_train_unet_only else models.text_encoders,
-            config=adapter,
-            preset=opts.get("preset", "full"),
-            include=opts.get("include"),
-            exclude=opts.get("exclude"),
-            conv_block_size=opts.get("conv_block_size"),
             family=models.family,
+            **cfg.network_options().inject_kwargs(),
         )
     except ValueError as e:
         raise ConfigError(f"network_args: {e}") from None

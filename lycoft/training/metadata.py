@@ -27,7 +27,7 @@ def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_proces
                       batches_per_epoch: int, num_epochs: int, total_steps: int, started_at: float,
                       session_id: int) -> dict[str, str]:
     """The run's fixed facts; `step_metadata` adds the counters at each save."""
-    options = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.network_options().items()}
+    options = cfg.network_options().to_strings()
     options.setdefault("algo", "oft")
     options.setdefault("preset", "full")
     options["algo"] = "diag-oft" if options["algo"] in ("oft", "diag-oft", "diag_oft") else options["algo"]
