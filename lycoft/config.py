@@ -294,6 +294,27 @@ class NetworkOptions:
     given: tuple[tuple[str, Any], ...] = ()
     notes: tuple[str, ...] = ()
 
+    @classmethod
+    def describe(cls, adapter: AdapterConfig, preset: str = "full", include: str | None = None,
+                 exclude: str | None = None, conv_block_size: int | None = None,
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> NetworkOptions:
+        """The options of settings made in Python: ``given`` holds each setting that differs from its default
+        (what `to_args` then writes)."""
+        default = AdapterConfig()
+        network = {"preset": preset, "include": include, "exclude": exclude, "conv_block_size": conv_block_size,
+                   "overrides": dict(overrides) if overrides else None}
+        given = []
+        for option in OPTIONS:
+            if option.ignored:
+                continue
+            if option.target:
+                value, unset = getattr(adapter, option.target), getattr(default, option.target)
+            else:
+                value, unset = network[option.key], ("full" if option.key == "preset" else None)
+            if value != unset:
+                given.append((option.key, value))
+        return cls(adapter=adapter, given=tuple(given), **network)
+
     def inject_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `lycoft.inject` these options stand for."""
         return {"config": self.adapter, "preset": self.preset, "include": self.include, "exclude": self.exclude,
