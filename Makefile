@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The versions kohya sd-scripts pins (../shared/reference/kohya-contract.md): lycoft must install and work there.
+# The versions kohya sd-scripts pins (its requirements.txt): lycoft must install and work there.
 KOHYA_VENV := .venv-kohya
 KOHYA_PINS := "transformers==4.54.*" "diffusers==0.32.*" "accelerate==1.6.*"
 KOHYA_TESTS := tests/test_kohya.py tests/test_network.py tests/test_formats_lycoris.py \

@@ -137,7 +137,7 @@ def adapter_key_spellings(component: str, module: str, family: str, layout: UNet
                           ) -> list[str]:
     """The adapter keys that name layer `module` of `component`, the one lycoft writes first.
 
-    UNet: ``lora_unet_`` + LDM names for SDXL, diffusers names otherwise (SPEC section 4), and the other
+    UNet: ``lora_unet_`` + LDM names for SDXL, diffusers names otherwise (docs/spec.md, "Key names"), and the other
     vocabulary as an alias. Text encoders: ``lora_te_`` (``lora_te1_``/``lora_te2_`` for SDXL) + the
     ``text_model_`` form; aliases without ``text_model_`` (LyCORIS under transformers 5) and, for a single
     encoder, ``lora_te1_``. Mirrors `lycoft.network.candidate_index` (a test keeps them equal).

@@ -153,7 +153,7 @@ class Network(nn.Module):
     # -- files ----------------------------------------------------------------------------------------
     def save(self, path: str, metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
              output_name: str | None = None) -> None:
-        """Write the LyCORIS layout (SPEC section 4) atomically; see `lycoft.formats.lycoris`."""
+        """Write the LyCORIS layout (docs/spec.md, "The adapter file") atomically; see `lycoft.formats.lycoris`."""
         from .formats.lycoris import save_network
 
         save_network(self, path, metadata=metadata, dtype=dtype, output_name=output_name)

@@ -1,4 +1,4 @@
-"""The LyCORIS adapter layout (SPEC section 4): what ComfyUI, A1111 and LyCORIS read.
+"""The LyCORIS adapter layout (docs/spec.md, "The adapter file"): what ComfyUI, A1111 and LyCORIS read.
 
 Writes ``<key>.oft_blocks`` (3-D oft / 4-D boft, constraint baked in), ``<key>.alpha`` (always, just above
 the stored norm so that every consumer's clamp is inactive) and ``<key>.rescale`` when trained with it.
@@ -392,8 +392,8 @@ def layer_from_spec(spec: ModuleSpec, module: nn.Module, multiplier: float = 1.0
 def spec_tensors(spec: ModuleSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The file tensors of one module spec, as `layer_tensors` writes them for a layer.
 
-    Output side: the constraint is baked into the stored blocks and alpha set just above their norm (SPEC
-    section 4). Input side: PEFT's upper-triangle vector ``oft_R.weight`` (exact Cayley, ``S = Q``).
+    Output side: the constraint is baked into the stored blocks and alpha set just above their norm (see
+    docs/spec.md). Input side: PEFT's upper-triangle vector ``oft_R.weight`` (exact Cayley, ``S = Q``).
     """
     A = spec.blocks.detach().float()
     if spec.side != "output":

@@ -1,4 +1,4 @@
-"""PEFT OFT / BOFT adapters (peft >= 0.16 layout; reference/formats.md sections 2.6-2.7).
+"""PEFT OFT / BOFT adapters (peft >= 0.16 layout; docs/spec.md, "PEFT OFT and BOFT").
 
 Layouts read: diffusers ``save_lora_adapter`` (bare ``<module path>.oft_R.weight`` with the PEFT config as
 JSON in the safetensors metadata key ``lora_adapter_metadata``), diffusers pipeline files (``unet.`` /
