@@ -12,7 +12,8 @@ import lycoft
 from lycoft import kohya
 from lycoft.config import OPTION_BY_NAME, OPTIONS, NetworkOptions, parse_network_args
 from lycoft.errors import ConfigError
-from lycoft.training.config import config_to_toml, parse_args
+from lycoft.training.config import parse_args
+from lycoft.training.config_files import config_to_toml
 from lycoft.training.loop import build_network
 
 ROOT = Path(__file__).resolve().parents[1]

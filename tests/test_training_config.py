@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from lycoft.training.config import (
-    TrainConfig,
-    config_from_dict,
-    config_to_toml,
-    flag_table,
-    parse_args,
-    save_config_toml,
-)
+from lycoft.training.config import config_from_dict, parse_args
+from lycoft.training.config_files import config_to_toml, save_config_toml
 from lycoft.training.errors import ConfigError
+from lycoft.training.flags import TrainConfig, flag_table
 
 MODEL = ["--pretrained_model_name_or_path", "builtin:tiny-sd1"]
 

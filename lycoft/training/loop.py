@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lycoft.training.config import TrainConfig
 from lycoft.training.errors import ConfigError
+from lycoft.training.flags import TrainConfig
 from lycoft.training.sampler import derive_seed
 
 logger = logging.getLogger("lycoft.train")
@@ -305,7 +305,7 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
 
     from lycoft.training import tracking
     from lycoft.training.conditioning import TextConditioner, sdxl_time_ids
-    from lycoft.training.config import save_config_toml
+    from lycoft.training.config_files import save_config_toml
     from lycoft.training.dataset import build_dataset
     from lycoft.training.losses import diffusion_loss, target_for
     from lycoft.training.metadata import step_metadata, training_metadata

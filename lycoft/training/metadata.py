@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lycoft.training.config import TrainConfig
+from lycoft.training.flags import TrainConfig
 
 
 def _model_name(source: str | None) -> str:
