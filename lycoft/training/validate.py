@@ -12,28 +12,34 @@ from lycoft.training.flags import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+class _Problems(list):
+    """The problems found so far, with the two checks most rules share."""
 
-def validate(cfg: TrainConfig) -> None:
-    """Check the rules that involve several flags or the file system; raise one `ConfigError`
-    listing every problem, so a user fixes a config in one go."""
-    p: list[str] = []
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
 
-    def positive(name: str, allow_none: bool = True) -> None:
-        v = getattr(cfg, name)
+    def positive(self, name: str, allow_none: bool = True) -> None:
+        v = getattr(self.cfg, name)
         if (v is None and not allow_none) or (v is not None and v < 1):
-            p.append(f"--{name} must be a positive integer, got {v}")
+            self.append(f"--{name} must be a positive integer, got {v}")
 
-    def in_range(name: str, lo: float, hi: float, hi_open: bool = False) -> None:
-        v = getattr(cfg, name)
+    def in_range(self, name: str, lo: float, hi: float, hi_open: bool = False) -> None:
+        v = getattr(self.cfg, name)
         if v is not None and (not lo <= v <= hi or (hi_open and v == hi)):
             bound = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
-            p.append(f"--{name} must be in {bound}, got {v}")
+            self.append(f"--{name} must be in {bound}, got {v}")
 
+
+def _model(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of model."""
     if not cfg.pretrained_model_name_or_path:
         p.append("--pretrained_model_name_or_path is required (a .safetensors file, a diffusers folder, "
                  "a hub id, or builtin:tiny-sd1)")
 
-    # model family
+
+def _model_family(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of model family."""
     if cfg.v2 and cfg.sdxl:
         p.append("--v2 and --sdxl contradict each other; give one (or --model_family)")
     elif cfg.model_family:
@@ -43,7 +49,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.clip_skip is not None and cfg.clip_skip < 1:
         p.append(f"--clip_skip must be >= 1 (1 = the last layer), got {cfg.clip_skip}")
 
-    # data source
+
+def _data_source(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of data source."""
     if cfg.dataset_config and (cfg.train_data_dir or cfg.reg_data_dir):
         p.append("--dataset_config and --train_data_dir/--reg_data_dir both given; put the folders in "
                  "the dataset TOML as subsets (is_reg = true for regularization) or drop --dataset_config")
@@ -56,7 +64,9 @@ def validate(cfg: TrainConfig) -> None:
         if d and not generating and not Path(d).is_dir():
             p.append(f"--{name} {d!r} is not a folder (resolved from {Path.cwd()})")
 
-    # buckets and sizes
+
+def _buckets_and_sizes(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of buckets and sizes."""
     if cfg.resolution is not None and any(s % 8 for s in cfg.resolution):
         p.append(f"--resolution {cfg.resolution[0]},{cfg.resolution[1]}: both sides must be multiples of 8 "
                  "(the VAE downsamples by 8)")
@@ -78,17 +88,21 @@ def validate(cfg: TrainConfig) -> None:
             p.append(f"--min_bucket_reso {cfg.min_bucket_reso} is larger than the resolution "
                      f"{res[0]},{res[1]}: no bucket fits; set --min_bucket_reso <= {min(res)}")
 
-    # captions
+
+def _captions(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of captions."""
     if cfg.keep_tokens < 0:
         p.append(f"--keep_tokens must be >= 0, got {cfg.keep_tokens}")
-    in_range("caption_dropout_rate", 0.0, 1.0)
-    in_range("caption_tag_dropout_rate", 0.0, 1.0)
+    p.in_range("caption_dropout_rate", 0.0, 1.0)
+    p.in_range("caption_tag_dropout_rate", 0.0, 1.0)
     if cfg.caption_dropout_every_n_epochs < 0:
         p.append(f"--caption_dropout_every_n_epochs must be >= 0 (0 = off), got {cfg.caption_dropout_every_n_epochs}")
     if not cfg.caption_separator.strip():
         p.append(f"--caption_separator must be a visible character such as ',', got {cfg.caption_separator!r}")
 
-    # caching
+
+def _caching(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of caching."""
     if (cfg.cache_latents or cfg.cache_latents_to_disk) and cfg.random_crop:
         p.append("--random_crop cannot be used with --cache_latents: a cached latent has one fixed crop; "
                  "drop one of them")
@@ -103,16 +117,20 @@ def validate(cfg: TrainConfig) -> None:
             names = ", ".join("--" + v for v in varying)
             p.append(f"--cache_text_encoder_outputs needs fixed captions, but {names} change them every "
                      "step; drop those or the caching")
-    positive("vae_batch_size")
+    p.positive("vae_batch_size")
 
-    # steps and batches
+
+def _steps_and_batches(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of steps and batches."""
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps"):
-        positive(name, allow_none=False)
-    positive("max_train_epochs")
+        p.positive(name, allow_none=False)
+    p.positive("max_train_epochs")
     if cfg.max_data_loader_n_workers < 0:
         p.append(f"--max_data_loader_n_workers must be >= 0, got {cfg.max_data_loader_n_workers}")
 
-    # precision
+
+def _precision(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of precision."""
     if cfg.full_fp16 and cfg.full_bf16:
         p.append("--full_fp16 and --full_bf16 both given; pick one")
     if cfg.full_fp16 and cfg.mixed_precision != "fp16":
@@ -122,7 +140,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.xformers and cfg.sdpa:
         p.append("--xformers and --sdpa both given; pick one attention implementation")
 
-    # optimizer and schedule
+
+def _optimizer_and_schedule(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of optimizer and schedule."""
     if not cfg.learning_rate > 0:
         p.append(f"--learning_rate must be > 0, got {cfg.learning_rate}")
     if cfg.unet_lr is not None and cfg.unet_lr < 0:
@@ -138,11 +158,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
         p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant; "
                  "use constant_with_warmup (or another schedule)")
-    positive("lr_scheduler_num_cycles", allow_none=False)
+    p.positive("lr_scheduler_num_cycles", allow_none=False)
     if not cfg.lr_scheduler_power > 0:
         p.append(f"--lr_scheduler_power must be > 0, got {cfg.lr_scheduler_power}")
 
-    # loss
+
+def _loss(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of loss."""
     if cfg.noise_offset < 0:
         p.append(f"--noise_offset must be >= 0, got {cfg.noise_offset}")
     if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
@@ -150,15 +172,17 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.prior_loss_weight < 0:
         p.append(f"--prior_loss_weight must be >= 0, got {cfg.prior_loss_weight}")
 
-    # network
+
+def _network(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of network."""
     if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
         p.append("--network_train_unet_only and --network_train_text_encoder_only both given: nothing "
                  "would train; drop one")
-    positive("network_dim")
+    p.positive("network_dim")
     if cfg.network_alpha is not None:
         logger.warning("--network_alpha %s is ignored: OFT/BOFT have no alpha; set a constraint with "
                        "--network_args constraint=...", cfg.network_alpha)
-    in_range("network_dropout", 0.0, 1.0, hi_open=True)
+    p.in_range("network_dropout", 0.0, 1.0, hi_open=True)
     try:
         for note in cfg.network_options().notes:
             logger.warning("%s", note)
@@ -167,7 +191,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.network_weights and not Path(cfg.network_weights).is_file():
         p.append(f"--network_weights {cfg.network_weights!r} is not a file")
 
-    # prior preservation
+
+def _prior_preservation(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of prior preservation."""
     if cfg.num_class_images < 0:
         p.append(f"--num_class_images must be >= 0, got {cfg.num_class_images}")
     if cfg.num_class_images > 0 and not (cfg.class_prompt and cfg.reg_data_dir):
@@ -176,10 +202,12 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--prior_loss_weight {cfg.prior_loss_weight} has no effect without regularization images "
                  "(--reg_data_dir)")
 
-    # saving and sampling
+
+def _saving_and_sampling(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of saving and sampling."""
     for name in ("save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs",
                  "sample_every_n_steps", "sample_every_n_epochs"):
-        positive(name)
+        p.positive(name)
     if cfg.save_last_n_steps and not cfg.save_every_n_steps:
         p.append("--save_last_n_steps needs --save_every_n_steps (there are no step saves to prune)")
     if cfg.save_last_n_epochs and not cfg.save_every_n_epochs:
@@ -198,6 +226,24 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.log_with and not cfg.logging_dir and cfg.log_with != "wandb":
         p.append(f"--log_with {cfg.log_with} needs --logging_dir (where tensorboard writes)")
 
+
+def validate(cfg: TrainConfig) -> None:
+    """Check the rules that involve several flags or the file system; raise one `ConfigError`
+    listing every problem, so a user fixes a config in one go."""
+    p = _Problems(cfg)
+    _model(cfg, p)
+    _model_family(cfg, p)
+    _data_source(cfg, p)
+    _buckets_and_sizes(cfg, p)
+    _captions(cfg, p)
+    _caching(cfg, p)
+    _steps_and_batches(cfg, p)
+    _precision(cfg, p)
+    _optimizer_and_schedule(cfg, p)
+    _loss(cfg, p)
+    _network(cfg, p)
+    _prior_preservation(cfg, p)
+    _saving_and_sampling(cfg, p)
     # The dataset TOML is checked now too, so its typos surface before any model loads.
     if cfg.dataset_config and not p:
         try:
