@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .formats.lycoris import attach_specs, load_into_network, parse_adapter_tensors, save_network
-from .formats.safe_io import read_safetensors
-from .network import Network, _components
+from .formats.lycoris import parse_adapter_tensors
+from .io.safe_io import read_safetensors
+from .network import Network, _components, attach_specs
+from .network_files import load_into_network, save_network
 from .targets import select_targets
 
 log = logging.getLogger("lycoft")

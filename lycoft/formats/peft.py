@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterFileError
+from ..io.errors import AdapterFileError
 from .lycoris import ModuleSpec
 
 PEFTMODEL_PREFIX = "base_model.model."
@@ -259,7 +259,7 @@ def read_peft(path: str | os.PathLike[str], component: str | None = None, config
               ) -> PeftAdapter:
     """Read a PEFT OFT/BOFT adapter (file, or PeftModel folder). `component` names the model of bare
     keys (default: text encoder 1 for ``text_model.`` paths, else the UNet)."""
-    from .safe_io import read_safetensors
+    from ..io.safe_io import read_safetensors
 
     p = Path(path)
     if p.is_dir():
@@ -327,8 +327,8 @@ def write_peft(modules: Mapping[str, ModuleSpec], out: str | os.PathLike[str], l
     folder with ``adapter_model.safetensors`` (``base_model.model.<path>``) and ``adapter_config.json``
     (``PeftModel.from_pretrained``).
     """
-    from .atomic import atomic_write
-    from .safe_io import save_safetensors_atomic
+    from ..io.atomic import atomic_write
+    from ..io.safe_io import save_safetensors_atomic
 
     tensors: dict[str, torch.Tensor] = {}
     sizes, counts = set(), set()
