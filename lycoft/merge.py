@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._version import __version__
 from .base_model import BaseModel, WeightSlot, family_of_adapter, open_base
 from .formats.lycoris import ModuleSpec, read_adapter
 from .formats.peft import is_peft_tensors
@@ -311,8 +312,6 @@ def _out_dtype(dtype: str | torch.dtype | None) -> str | None:
 
 
 def _merge_metadata(metadata: dict[str, str], adapters: Sequence[AdapterArg]) -> dict[str, str]:
-    from ._version import __version__
-
     md = dict(metadata)
     md["lycoft.merged_adapters"] = json.dumps(
         [{"file": os.path.basename(a.path), "multiplier": a.multiplier} for a in adapters])
@@ -361,8 +360,6 @@ def _write_diffusers(base: BaseModel, out: Path, ops, out_dtype, verify: int, re
 
 def _fix_index_sizes(root: Path) -> None:
     """Sharded weights: the index's ``total_size`` changes with the dtype."""
-    from .io.safe_io import read_safetensors_header
-
     for index in root.rglob("*.safetensors.index.json"):
         data = json.loads(index.read_text())
         shards = set(data.get("weight_map", {}).values())

@@ -18,7 +18,8 @@ from torch import nn
 from .config import AdapterConfig
 from .formats.lycoris import ModuleSpec, read_adapter
 from .io.errors import AdapterFileError
-from .layers import OFTLayer, layer_dims
+from .layers import SUPPORTED, OFTLayer, layer_dims
+from .naming import UNET_PREFIX, to_key
 from .network_files import copy_into, load_into_network, save_network
 from .rotations import RotationCache
 from .targets import Target, select_targets, te_key_function, unet_key_function
@@ -237,9 +238,6 @@ def candidate_index(unet: nn.Module | None, text_encoders: Sequence[nn.Module], 
     LDM names), the transformers-5 text-encoder names without ``text_model_`` and ``lora_te1_`` for a
     single encoder.
     """
-    from .layers import SUPPORTED
-    from .naming import UNET_PREFIX, to_key
-
     index: dict[str, tuple[str, str, nn.Module]] = {}
     comps, key_of = _components(unet, text_encoders, family)
     ldm = None
