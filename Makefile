@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The versions kohya sd-scripts pins (its requirements.txt): lycoft must install and work there.
@@ -41,6 +42,7 @@ test-kohya-pins: $(KOHYA_VENV)/.installed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench-quick: $(STAMP)
 	$(PY) bench/layers.py --quick
@@ -49,4 +51,4 @@ bench: $(STAMP)
 	$(PY) bench/layers.py
 
 clean:
-	rm -rf $(VENV) $(KOHYA_VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(KOHYA_VENV) demo_out .pytest_cache .import_linter_cache

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, NetworkOptions, parse_network_args
-from .formats.lycoris import attach_specs, load_into_network, parse_adapter_tensors, save_network
-from .formats.safe_io import read_safetensors
-from .network import Network, detect_family, inject
+from .formats.lycoris import parse_adapter_tensors
+from .io.safe_io import read_safetensors
+from .network import Network, attach_specs, detect_family, inject
+from .network_files import load_into_network, save_network
 
 log = logging.getLogger("lycoft")
 

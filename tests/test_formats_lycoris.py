@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import lycoft
 from lycoft import AdapterConfig
-from lycoft.formats import AdapterFileError, read_safetensors
+from lycoft.io import AdapterFileError, read_safetensors
 from lycoft.ops import cayley, skew
 
 TOL = 1e-5  # relative, float32 merged weights against float64 references

@@ -21,8 +21,8 @@ from tiny_files import (
 )
 
 import lycoft
-from lycoft.formats import AdapterFileError, read_safetensors
-from lycoft.formats.convert import convert_adapter
+from lycoft.convert import convert_adapter
+from lycoft.io import AdapterFileError, read_safetensors
 from lycoft.ops import cayley, skew
 
 REPO = Path(__file__).resolve().parents[1]

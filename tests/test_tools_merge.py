@@ -24,7 +24,7 @@ from tiny_files import (
 
 import lycoft
 from lycoft.checkpoints import load_pipeline
-from lycoft.formats import AdapterFileError, read_safetensors
+from lycoft.io import AdapterFileError, read_safetensors
 from lycoft.merge import AdapterArg, merge_adapters
 
 REPO = Path(__file__).resolve().parents[1]

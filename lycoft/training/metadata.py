@@ -1,6 +1,6 @@
 """kohya ``ss_*`` training metadata for adapter files (A1111, Civitai and kohya's tools read these).
 
-`training_metadata` returns the keys that describe the run; `lycoft.formats.lycoris.save_network` adds
+`training_metadata` returns the keys that describe the run; `lycoft.network_files.save_network` adds
 the network keys (``ss_network_module``, ``ss_base_model_version``, ``modelspec.*``, ``lycoft.*``) and
 lets these win, which is how ``ss_network_args`` carries the full training options.
 """
