@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .config import AdapterConfig
+from .config import AdapterConfig, NetworkOptions
 from .formats.lycoris import ALPHA_FLOOR, ALPHA_MARGIN, ARCHITECTURE, BASE_MODEL_VERSION, ModuleSpec, read_adapter
 from .io.errors import AdapterFileError
 from .io.safe_io import save_safetensors_atomic
@@ -72,17 +72,9 @@ def network_metadata(net: nn.Module, output_name: str | None = None, v_predictio
     layers = list(net.adapters.values())
     first = layers[0].layout if layers else None
     algo = "diag-oft" if (first is None or first.algo == "oft") else "boft"
-    args: dict[str, str] = {"algo": algo, "preset": str(net.preset or "custom")}
-    if cfg.block_size is not None:
-        args["block_size"] = str(cfg.block_size)
-    if cfg.block_num is not None:
-        args["block_num"] = str(cfg.block_num)
-    if cfg.butterfly_factors is not None:
-        args["butterfly_factors"] = str(cfg.butterfly_factors)
-    if cfg.constraint:
-        args["constraint"] = str(cfg.constraint)
-    if cfg.rescale:
-        args["rescaled"] = "True"
+    # the option schema's writer; algo (in LyCORIS' spelling) and preset are always stated
+    args = {"algo": algo, "preset": str(net.preset or "custom")} | NetworkOptions.describe(cfg).to_strings()
+    args["algo"] = algo
     base = BASE_MODEL_VERSION.get(net.family, "sd_v1")
     if net.family == "sd2" and v_prediction:
         base += "_v"
