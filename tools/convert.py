@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    from lycoft.formats.convert import convert_adapter
+    from lycoft.convert import convert_adapter
 
     try:
         report = convert_adapter(args.src, args.out, args.to, base=args.base, keys=args.keys, family=args.family,
