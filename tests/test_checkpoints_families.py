@@ -187,7 +187,7 @@ def test_table_agrees_with_naming_presets_and_training_defaults(family):
     from lycoft.naming import UNET_PREFIX as UNET_KEY_PREFIX
     from lycoft.naming import te_prefix
     from lycoft.targets import PRESETS
-    from lycoft.training.config import TrainConfig
+    from lycoft.training.flags import TrainConfig
 
     info = family_info(family)
     n = len(info.text_encoders)
