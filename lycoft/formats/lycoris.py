@@ -379,16 +379,6 @@ def load_into_network(net: Network, path: str, strict: bool = True) -> list[str]
 
 
 # -- specs without a model (converters, merge and inspect tools) ------------------------------------------
-def layer_from_spec(spec: ModuleSpec, module: nn.Module, multiplier: float = 1.0) -> Any:
-    """An `OFTLayer` on `module` holding the file's values: the exact lycoft semantics for one module."""
-    from ..layers import OFTLayer
-
-    layer = OFTLayer(module, spec.config(), name=spec.key, register_base=False, layout=spec.layout())
-    _copy_into(layer, spec)
-    layer.multiplier = float(multiplier)
-    return layer
-
-
 def spec_tensors(spec: ModuleSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The file tensors of one module spec, as `layer_tensors` writes them for a layer.
 
