@@ -22,9 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The versions kohya sd-scripts pins (../shared/reference/kohya-contract.md): lycoft must install and work there.
+# The versions kohya sd-scripts pins (its requirements.txt): lycoft must install and work there.
 KOHYA_VENV := .venv-kohya
 KOHYA_PINS := "transformers==4.54.*" "diffusers==0.32.*" "accelerate==1.6.*"
 KOHYA_TESTS := tests/test_kohya.py tests/test_network.py tests/test_formats_lycoris.py \
@@ -41,6 +42,7 @@ test-kohya-pins: $(KOHYA_VENV)/.installed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench-quick: $(STAMP)
 	$(PY) bench/layers.py --quick
@@ -49,4 +51,4 @@ bench: $(STAMP)
 	$(PY) bench/layers.py
 
 clean:
-	rm -rf $(VENV) $(KOHYA_VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(KOHYA_VENV) demo_out .pytest_cache .import_linter_cache

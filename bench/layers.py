@@ -5,7 +5,7 @@ parameters only; the base layer is frozen and the input requires grad (as inside
 (method x shape) runs in its own freshly forked process; the libraries are imported once, before any
 tensor work, so a fork starts clean and costs nothing. Ratios are taken within one run only. Each case
 process also steps a frozen copy of the layer alternately with the method: the paired ratio of the two
-medians does not depend on how fast the shared host was when the `frozen` case itself ran.
+medians does not depend on how busy the host was when the `frozen` case itself ran.
 
     python bench/layers.py --quick                       # < 3 min on 2 cores
     python bench/layers.py --out bench/results/layers.md  # full: >= 20 timed steps, every case
@@ -170,7 +170,7 @@ def build_peft(method: str, base: nn.Module) -> Case:
         case.rotation = rotation
         if isinstance(base, nn.Conv2d):
             case.notes.append("PEFT OFT conv unfolds the input with padding 0: its output is not the adapted "
-                              "conv's (see peer-results correctness table)")
+                              "conv's (PEFT's merged weight disagrees with it; docs/spec.md)")
     else:
         R = layer.boft_R["default"]
         m, nb, b, _ = R.shape
@@ -481,7 +481,7 @@ def _ok(r: dict[str, Any] | None) -> bool:
 
 def summarise(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], methods: list[str],
               key: str = "ms") -> dict[str, Any]:
-    """Targets of issue #5 from the results of one run.
+    """lycoft's speed goals, checked on the results of one run.
 
     `key`: "ms" (median step), "ms_min" (best step), both over the frozen layer's own case, or "paired" (the
     median step over the median of the frozen copy stepped alternately in the same process).
@@ -570,11 +570,11 @@ def markdown(results: dict[tuple[str, str], dict[str, Any]], shapes: list[str], 
         layer = f"Linear {fin}->{fout}" if kind == "linear" else f"Conv2d {fin}->{fout} 3x3 pad 1"
         L.append(f"| {s} | {layer} | {tuple(xs)} | {bias} | {note} |")
 
-    L.append("\n## Targets (issue #5)\n")
+    L.append("\n## Targets\n")
     L.append("Verdicts on the median step (the measure the goals name), in brackets on the best step of the same "
              "case, and in braces on the paired ratio: each case's median step over the median of a frozen copy "
              "of the layer stepped alternately with it in the same process. The paired ratio does not depend "
-             "on how fast this shared host happened to be when the frozen layer's own case ran; the first two "
+             "on how busy the host happened to be when the frozen layer's own case ran; the first two "
              "do.\n")
     best, paired = targets.get("best_step", {}), targets.get("paired", {})
 
@@ -805,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median (cases > 1 s/step: one round); before each case up to {opts['quiet_wait']:.0f} s of waiting for "
         f"other processes to use < 10% of the CPUs, and up to {retries} re-run(s) of a case disturbed anyway",
         "load average (1, 5, 15 min)": f"start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
-        f"end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (shared machine)",
+        f"end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}",
     }
     targets = summarise(results, shapes, methods)
     targets["best_step"] = summarise(results, shapes, methods, key="ms_min")

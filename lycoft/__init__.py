@@ -6,11 +6,9 @@
     net = lycoft.load("a.safetensors", unet=unet, text_encoders=[te], multiplier=1.0)
 """
 
+from ._version import __version__
 from .config import AdapterConfig
-from .formats.lycoris import load_adapter as load
 from .layers import OFTLayer, wrap
-from .network import Network, inject
-
-__version__ = "0.1.0"
+from .network import Network, inject, load
 
 __all__ = ["AdapterConfig", "Network", "OFTLayer", "inject", "load", "wrap", "__version__"]

@@ -29,8 +29,9 @@ from .checkpoints.ldm_keys import (
     text_encoder_module_path,
     unet_module_path_to_ldm,
 )
-from .formats.errors import AdapterFileError
-from .formats.safe_io import read_safetensors_header
+from .io.errors import AdapterFileError
+from .io.safe_io import read_safetensors_header, save_safetensors_atomic
+from .io.torch_checkpoint import load_torch_checkpoint
 from .naming import UNET_PREFIX, te_prefix, to_key
 
 log = logging.getLogger("lycoft")
@@ -137,7 +138,7 @@ def adapter_key_spellings(component: str, module: str, family: str, layout: UNet
                           ) -> list[str]:
     """The adapter keys that name layer `module` of `component`, the one lycoft writes first.
 
-    UNet: ``lora_unet_`` + LDM names for SDXL, diffusers names otherwise (SPEC section 4), and the other
+    UNet: ``lora_unet_`` + LDM names for SDXL, diffusers names otherwise (docs/spec.md, "Key names"), and the other
     vocabulary as an alias. Text encoders: ``lora_te_`` (``lora_te1_``/``lora_te2_`` for SDXL) + the
     ``text_model_`` form; aliases without ``text_model_`` (LyCORIS under transformers 5) and, for a single
     encoder, ``lora_te1_``. Mirrors `lycoft.network.candidate_index` (a test keeps them equal).
@@ -270,8 +271,6 @@ def open_base(path: str | os.PathLike[str], family: str | None = None, workdir: 
     if not p.exists():
         raise AdapterFileError(str(p), "file not found", "check the path")
     if p.suffix.lower() in PICKLE_SUFFIXES:
-        from .formats import load_torch_checkpoint, save_safetensors_atomic
-
         tensors = load_torch_checkpoint(str(p))
         with tempfile.TemporaryDirectory(prefix="lycoft-base-", dir=workdir) as tmp:
             st = Path(tmp) / (p.stem + ".safetensors")

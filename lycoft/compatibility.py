@@ -1,5 +1,5 @@
-"""Which programs read an adapter file correctly: the compatibility matrix of reference/formats.md
-section 5 (and the consumer notes of section 3), written as data.
+"""Which programs read an adapter file correctly: the compatibility matrix of docs/spec.md ("Who reads
+what"), written as data.
 
 A file is described by its flavour and a few facts (`FACTS`); for each consumer the first rule whose
 flavour matches and whose conditions all hold gives the verdict. Multipliers are not in the file, so

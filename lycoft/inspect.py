@@ -30,11 +30,11 @@ import torch
 from .base_model import BaseModel, adapter_key_spellings, open_base
 from .checkpoints.ldm_keys import text_encoder_module_path
 from .compatibility import CONSUMER_NAMES, FAILS, IGNORED, OK, STRENGTH_NOTE, WRONG, Verdict, verdicts
-from .formats.convert import ReadAdapter, guess_family, key_index, read_any_adapter
+from .convert import ReadAdapter, guess_family, key_index, read_any_adapter
 from .formats.lycoris import ModuleSpec
 from .formats.peft import PeftModule, cayley_minus
-from .formats.safe_io import read_safetensors
-from .formats.streaming import OpenInputs
+from .io.safe_io import read_safetensors
+from .io.streaming import OpenInputs
 from .ops import cayley, constrain, orthogonality_error, skew
 
 _BADNESS = {FAILS: 4, WRONG: 3, IGNORED: 2, "convert": 1, OK: 0}

@@ -5,21 +5,8 @@
 
 ``network_dim`` is the block size (the LyCORIS meaning; kohya's legacy ``networks.oft`` counted blocks:
 pass ``block_num=`` for that). ``network_alpha`` has no meaning for OFT and is ignored; the COFT bound is
-``constraint=``. Network args (strings, as kohya passes them):
-
-==================  ====================================================================================
-algo                ``oft`` (alias ``diag-oft``) or ``boft``
-block_size          rows per rotation block (overrides network_dim); or ``block_num`` = number of blocks
-butterfly_factors   boft stages m (alias ``boft_m``); default: the largest valid (full butterfly)
-constraint          COFT bound ``||Q|| <= constraint * dim`` (alias ``constrain``); 0 = off
-rescale             ``True`` to train a per-channel scale (alias ``rescaled``); ComfyUI ignores it for oft
-module_dropout      probability of replacing a block by the identity while training
-preset              ``full`` (default), ``attn-mlp``, ``attn-only``, ``full-lin``, ``unet-only``
-include / exclude   regexes on module path or key (several separated by ``|``: it is one regex)
-conv_block_size     block size for convolutions with kernel > 1 (alias ``conv_dim``)
-side                ``output`` (default; what UIs read) or ``input``
-path                ``auto`` (default), ``weight`` or ``activation``: forward execution path
-==================  ====================================================================================
+``constraint=``. ``--network_args`` are the keys of `lycoft.config.OPTIONS`, parsed by the same
+`lycoft.config.parse_network_args` as ``train_network.py``'s, so every key means the same in both.
 
 The import path needs only torch, safetensors and lycoft's own modules (no diffusers/transformers), so it
 works in the environment sd-scripts pins.
@@ -28,91 +15,29 @@ works in the environment sd-scripts pins.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig
-from .formats.lycoris import attach_specs, load_into_network, parse_adapter_tensors, save_network
-from .formats.safe_io import read_safetensors
-from .network import Network, _components
-from .targets import select_targets
+from .config import AdapterConfig, NetworkOptions, parse_network_args
+from .formats.lycoris import parse_adapter_tensors
+from .io.safe_io import read_safetensors
+from .network import Network, attach_specs, detect_family, inject
+from .network_files import load_into_network, save_network
 
 log = logging.getLogger("lycoft")
 
-ALIASES = {"boft_m": "butterfly_factors", "constrain": "constraint", "rescaled": "rescale",
-           "conv_dim": "conv_block_size", "dim": "block_size"}
-CONFIG_KEYS = {"algo", "block_size", "block_num", "butterfly_factors", "constraint", "rescale", "side", "path"}
-NETWORK_KEYS = {"preset", "include", "exclude", "conv_block_size", "module_dropout", "dropout", "conv_alpha",
-                "train_norm", "use_tucker", "use_scalar", "rank_dropout", "network_dropout"}
 
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    s = str(value).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", "none", ""):
-        return False
-    raise ValueError(f"expected True/False, got {value!r}")
-
-
-def _num(name: str, value: Any, kind: type) -> Any:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-        return None
-    try:
-        return kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"network arg {name}={value!r} must be a {kind.__name__}") from None
-
-
-def parse_network_args(network_dim: int | None, kwargs: dict[str, Any]) -> tuple[AdapterConfig, dict[str, Any]]:
-    """kohya ``--network_args`` (string values) -> AdapterConfig + network options; unknown keys are errors."""
-    args = {ALIASES.get(k, k): v for k, v in kwargs.items()}
-    unknown = sorted(set(args) - CONFIG_KEYS - NETWORK_KEYS)
-    if unknown:
-        raise ValueError(f"unknown network arg(s) {unknown} for lycoft.kohya; known: "
-                         f"{sorted(CONFIG_KEYS | NETWORK_KEYS | set(ALIASES))}")
-    cfg: dict[str, Any] = {}
-    if args.get("algo") is not None:
-        cfg["algo"] = str(args["algo"])
-    block_num = _num("block_num", args.get("block_num"), int)
-    block_size = _num("block_size", args.get("block_size"), int)
-    if block_num is not None:
-        cfg["block_num"] = block_num
-    elif block_size is not None:
-        cfg["block_size"] = block_size
-    elif network_dim:
-        cfg["block_size"] = int(network_dim)
-    if args.get("butterfly_factors") is not None:
-        cfg["butterfly_factors"] = _num("butterfly_factors", args["butterfly_factors"], int)
-    if args.get("constraint") is not None:
-        cfg["constraint"] = _num("constraint", args["constraint"], float)
-    if args.get("rescale") is not None:
-        cfg["rescale"] = _bool(args["rescale"])
-    for key in ("side", "path"):
-        if args.get(key) is not None:
-            cfg[key] = str(args[key])
-    module_dropout = _num("module_dropout", args.get("module_dropout"), float)
-    if module_dropout:
-        cfg["dropout"] = module_dropout
-    neuron = _num("dropout", args.get("dropout"), float)
-    if neuron:
-        log.warning("lycoft: network_dropout=%s (neuron dropout) does not apply to orthogonal adapters; ignored. "
-                    "Use --network_args module_dropout=<p> to drop whole blocks.", neuron)
-    for ignored in ("conv_alpha", "train_norm", "use_tucker", "use_scalar", "rank_dropout"):
-        if args.get(ignored) not in (None, "", "0", "False", "false", "None"):
-            log.warning("lycoft: network arg %s=%s has no meaning for OFT/BOFT; ignored", ignored, args[ignored])
-    options = {
-        "preset": str(args.get("preset") or "full"),
-        "include": args.get("include") or None,
-        "exclude": args.get("exclude") or None,
-        "conv_block_size": _num("conv_block_size", args.get("conv_block_size"), int),
-    }
-    return AdapterConfig(**cfg), options
+def network_options(network_dim: int | None, kwargs: dict[str, Any],
+                    neuron_dropout: float | None = None) -> NetworkOptions:
+    """kohya's ``network_dim``, ``--network_args`` (string values) and ``--network_dropout`` -> the options;
+    the keys that do not apply to rotations are reported here, once."""
+    options = parse_network_args(kwargs, network_dim=network_dim, network_dropout=neuron_dropout,
+                                 source="network_args", dim_source="--network_dim", dropout_source="--network_dropout")
+    for note in options.notes:
+        log.warning("lycoft: %s", note)
+    return options
 
 
 def _text_encoders(text_encoder: Any) -> list[nn.Module]:
@@ -232,37 +157,17 @@ class KohyaNetwork(Network):
         return 0, norms.mean(), norms.max()
 
 
-def _family(unet: Any, tes: Sequence[nn.Module]) -> str:
-    from .network import detect_family
-
-    return detect_family(unet, tes)
-
-
 def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae: Any,
                    text_encoder: Any, unet: Any, neuron_dropout: float | None = None, **kwargs: Any
                    ) -> KohyaNetwork:
     """sd-scripts calls this with ``network_dim`` (block size here), ``network_alpha`` (ignored) and the
     ``--network_args`` as string kwargs."""
-    if neuron_dropout is not None and "dropout" not in kwargs:
-        kwargs["dropout"] = neuron_dropout
-    config, options = parse_network_args(network_dim, kwargs)
+    options = network_options(network_dim, kwargs, neuron_dropout)
     if network_alpha not in (None, 1, 1.0):
         log.info("lycoft: network_alpha=%s is ignored by OFT (use --network_args constraint=...)", network_alpha)
-    tes = _text_encoders(text_encoder)
-    family = _family(unet, tes)
-    comps, key_of = _components(unet, tes, family)
-    targets, skipped = select_targets(comps, key_of, config, options["preset"], options["include"],
-                                      options["exclude"], None, options["conv_block_size"])
-    if not targets:
-        raise ValueError(f"lycoft: no layer matched preset {options['preset']!r} "
-                         f"(include={options['include']!r}, exclude={options['exclude']!r})")
-    net = KohyaNetwork(family, config, options["preset"], multiplier)
-    for t in targets:
-        net.add(t)
-    net.skipped = skipped
-    if skipped:
-        log.warning("lycoft: skipped %d layer(s) that cannot take the adapter: %s (first reason: %s)",
-                    len(skipped), ", ".join(k for k, _ in skipped[:8]), skipped[0][1])
+    net = inject(unet=unet, text_encoders=_text_encoders(text_encoder), multiplier=multiplier,
+                 network_class=KohyaNetwork, apply=False, **options.inject_kwargs())
+    assert isinstance(net, KohyaNetwork)
     return net
 
 
@@ -275,6 +180,6 @@ def create_network_from_weights(multiplier: float, file: str | None, vae: Any, t
         weights_sd, metadata = read_safetensors(file)
     specs = parse_adapter_tensors(weights_sd, metadata, path=str(file))
     tes = _text_encoders(text_encoder)
-    net = KohyaNetwork(_family(unet, tes), None, "from-weights", multiplier)
+    net = KohyaNetwork(detect_family(unet, tes), None, "from-weights", multiplier)
     attach_specs(net, specs, unet, tes, str(file), allow_partial=True)
     return net, weights_sd

@@ -2,7 +2,7 @@
 
 ``merge_adapters(base, [AdapterArg("a.safetensors", 1.0), ...], out)`` reads the base model's headers,
 matches every adapter key to the weight it rotates (`lycoft.base_model`), then rewrites each file tensor
-by tensor (`lycoft.formats.streaming`): a weight some adapter touches is read, rotated by each adapter in
+by tensor (`lycoft.io.streaming`): a weight some adapter touches is read, rotated by each adapter in
 the order given (the fused OpenCLIP ``in_proj_weight`` one q/k/v third at a time) and written; every
 other tensor (VAE, EMA, extra keys) is copied byte for byte. Peak memory is a few copies of the largest
 patched tensor. The output is written next to its final path and renamed into place only when complete
@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ._version import __version__
 from .base_model import BaseModel, WeightSlot, family_of_adapter, open_base
-from .formats.atomic import atomic_directory, atomic_write, refuse_overwrite, same_file
-from .formats.errors import AdapterFileError
 from .formats.lycoris import ModuleSpec, read_adapter
 from .formats.peft import is_peft_tensors
-from .formats.safe_io import read_safetensors_header
-from .formats.streaming import DTYPE_CHOICES, SafetensorsInput, dtype_name, rewrite_safetensors
+from .io.atomic import atomic_directory, atomic_write, refuse_overwrite, same_file
+from .io.errors import AdapterFileError
+from .io.safe_io import read_safetensors_header
+from .io.streaming import DTYPE_CHOICES, SafetensorsInput, dtype_name, rewrite_safetensors
 from .ops import adapter_rotation, merged_weight, rotate
 
 log = logging.getLogger("lycoft")
@@ -316,8 +317,6 @@ def _out_dtype(dtype: str | torch.dtype | None) -> str | None:
 
 
 def _merge_metadata(metadata: dict[str, str], adapters: Sequence[AdapterArg]) -> dict[str, str]:
-    from . import __version__
-
     md = dict(metadata)
     md["lycoft.merged_adapters"] = json.dumps(
         [{"file": os.path.basename(a.path), "multiplier": a.multiplier} for a in adapters])
@@ -366,8 +365,6 @@ def _write_diffusers(base: BaseModel, out: Path, ops, out_dtype, verify: int, re
 
 def _fix_index_sizes(root: Path) -> None:
     """Sharded weights: the index's ``total_size`` changes with the dtype."""
-    from .formats.safe_io import read_safetensors_header
-
     for index in root.rglob("*.safetensors.index.json"):
         data = json.loads(index.read_text())
         shards = set(data.get("weight_map", {}).values())

@@ -1,4 +1,4 @@
-"""Adapter key names (SPEC section 4): the one place that turns a module path into a file key.
+"""Adapter key names (docs/spec.md, "Key names"): the one place that turns a module path into a file key.
 
 UNet: ``lora_unet_<path>`` with diffusers paths for SD1.x/SD2.x and LDM paths for SDXL; text encoders:
 ``lora_te_`` (one encoder) or ``lora_te1_``/``lora_te2_`` (SDXL), always in the

@@ -1,7 +1,9 @@
-"""A set of adapters attached to a UNet and its text encoders: inject, multiplier, merge, remove, save.
+"""A set of adapters attached to a UNet and its text encoders: inject or load, multiplier, merge, remove, save.
 
 Adapters are attached by patching each base layer's ``forward`` (the kohya/LyCORIS way), so the model
-keeps its modules and state-dict names; the adapters' parameters live in this `Network` module.
+keeps its modules and state-dict names; the adapters' parameters live in this `Network` module. `load`
+attaches a file's modules (specs read by `lycoft.formats`) to the layers their keys name; the tensors a
+network writes and reads are `lycoft.network_files`' job.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layers import OFTLayer
+from .formats.lycoris import ModuleSpec, read_adapter
+from .io.errors import AdapterFileError
+from .layers import SUPPORTED, OFTLayer, layer_dims
+from .naming import UNET_PREFIX, to_key
+from .network_files import copy_into, load_into_network, save_network
 from .rotations import RotationCache
 from .targets import Target, select_targets, te_key_function, unet_key_function
 
@@ -153,15 +159,11 @@ class Network(nn.Module):
     # -- files ----------------------------------------------------------------------------------------
     def save(self, path: str, metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
              output_name: str | None = None) -> None:
-        """Write the LyCORIS layout (SPEC section 4) atomically; see `lycoft.formats.lycoris`."""
-        from .formats.lycoris import save_network
-
+        """Write the LyCORIS layout (docs/spec.md, "The adapter file") atomically; see `lycoft.network_files`."""
         save_network(self, path, metadata=metadata, dtype=dtype, output_name=output_name)
 
     def load_file(self, path: str, strict: bool = True) -> list[str]:
         """Load an adapter file into this network's existing adapters (same keys and shapes)."""
-        from .formats.lycoris import load_into_network
-
         return load_into_network(self, path, strict=strict)
 
 
@@ -177,6 +179,8 @@ def inject(
     family: str | None = None,
     multiplier: float = 1.0,
     pipe: Any = None,
+    network_class: type[Network] = Network,
+    apply: bool = True,
 ) -> Network:
     """Attach fresh (identity) adapters to a UNet and/or text encoders and return the `Network`.
 
@@ -187,6 +191,9 @@ def inject(
     fields for the matching layers (e.g. ``{"conv": {"block_size": 16}}``); ``conv_block_size`` is the
     shorthand for kernel > 1 convolutions. Layers that cannot take the requested sizes are skipped and
     named in one log line. ``pipe``: a diffusers pipeline instead of unet/text_encoders.
+    ``NetworkOptions.inject_kwargs()`` gives every selection argument from ``key=value`` options.
+    ``network_class``: a `Network` subclass to build (kohya's entry points); ``apply=False`` builds the
+    adapters without routing the model through them yet.
     """
     unet, tes = _resolve_models(unet, text_encoders, pipe)
     config = config or AdapterConfig()
@@ -199,7 +206,7 @@ def inject(
             f"no layer matched preset {preset!r} with include={include!r} exclude={exclude!r}; "
             "check the regexes against the module names (model.named_modules())"
         )
-    net = Network(family, config, preset)
+    net = network_class(family, config, preset)
     for t in targets:
         net.add(t)
     net.skipped = skipped
@@ -208,7 +215,7 @@ def inject(
         log.warning("lycoft: skipped %d layer(s) that cannot take the requested adapter: %s (first reason: %s)",
                     len(skipped), names, skipped[0][1])
     net.set_multiplier(multiplier)
-    return net.apply()
+    return net.apply() if apply else net
 
 
 def _resolve_models(unet, text_encoders, pipe) -> tuple[nn.Module | None, list[nn.Module]]:
@@ -236,9 +243,6 @@ def candidate_index(unet: nn.Module | None, text_encoders: Sequence[nn.Module], 
     LDM names), the transformers-5 text-encoder names without ``text_model_`` and ``lora_te1_`` for a
     single encoder.
     """
-    from .layers import SUPPORTED
-    from .naming import UNET_PREFIX, to_key
-
     index: dict[str, tuple[str, str, nn.Module]] = {}
     comps, key_of = _components(unet, text_encoders, family)
     ldm = None
@@ -273,3 +277,57 @@ def candidate_index(unet: nn.Module | None, text_encoders: Sequence[nn.Module], 
             for k in keys:
                 index.setdefault(k, entry)
     return index
+
+
+def load(
+    path: str,
+    unet: nn.Module | None = None,
+    text_encoders: Sequence[nn.Module] | nn.Module | None = None,
+    multiplier: float = 1.0,
+    family: str | None = None,
+    pipe: Any = None,
+    allow_partial: bool = False,
+) -> Network:
+    """Read an adapter file and attach it to the model; returns the applied `Network`."""
+    unet, tes = _resolve_models(unet, text_encoders, pipe)
+    specs, metadata = read_adapter(path)
+    net = Network(family or metadata.get("lycoft.family") or detect_family(unet, tes))
+    attach_specs(net, specs, unet, tes, path, allow_partial)
+    net.set_multiplier(multiplier)
+    return net.apply()
+
+
+def attach_specs(net: Network, specs: Mapping[str, ModuleSpec], unet: nn.Module | None,
+                 text_encoders: Sequence[nn.Module], path: str = "<tensors>", allow_partial: bool = False) -> None:
+    """Create one adapter per file module on the layer it names and copy the file's values into it.
+
+    Keys that match no layer are an error naming them, unless ``allow_partial`` (then a warning; still an
+    error when nothing matches). A layer of another width is always an error.
+    """
+    index = candidate_index(unet, text_encoders, net.family)
+    unmatched: list[str] = []
+    for key, spec in specs.items():
+        hit = index.get(key)
+        if hit is None:
+            unmatched.append(key)
+            continue
+        comp, mpath, module = hit
+        dim = _module_dim(module, spec.side)
+        if spec.layout_dim != dim:
+            raise AdapterFileError(
+                f"{path}: {key} rotates {spec.layout_dim} channels ({tuple(spec.blocks.shape)}) but "
+                f"{comp} layer {mpath} has {dim}; the adapter was trained for another model or family"
+            )
+        layer = net.add(Target(comp, mpath, key, module, spec.config()), layout=spec.layout())
+        copy_into(layer, spec)
+    if unmatched:
+        shown = ", ".join(unmatched[:10]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 10 else "")
+        msg = f"{path}: {len(unmatched)} of {len(specs)} adapter keys match no layer of the model: {shown}"
+        if not allow_partial or len(unmatched) == len(specs):
+            raise AdapterFileError(msg + "; check the model family (sd1/sd2/sdxl) or pass allow_partial=True")
+        log.warning("lycoft: %s (ignored: allow_partial)", msg)
+
+
+def _module_dim(module: nn.Module, side: str) -> int:
+    out, fan_in, _ = layer_dims(module)
+    return out if side == "output" else fan_in

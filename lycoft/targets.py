@@ -58,7 +58,7 @@ class Target:
 
     component: str  # "unet", "te1", "te2"
     path: str  # module path inside its component, as named by the model
-    key: str  # file key (SPEC section 4), e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    key: str  # file key (docs/spec.md, "Key names"), e.g. lora_unet_down_blocks_0_attentions_0_proj_in
     module: nn.Module
     config: AdapterConfig
 

@@ -1,5 +1,5 @@
 """Test oracles: the merge formulas of ComfyUI, A1111 and kohya, re-implemented from their published
-behaviour (../shared/reference/formats.md sections 2-3), in float64 and independently of lycoft.ops.
+behaviour (docs/spec.md, "Who reads what"), in float64 and independently of lycoft.ops.
 
 Slow and obvious on purpose: explicit loops over blocks and explicit permutation indices.
 """

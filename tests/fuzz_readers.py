@@ -23,10 +23,10 @@ import tempfile
 import atheris
 
 with atheris.instrument_imports(include=["lycoft"]):
-    from lycoft.formats.errors import AdapterFileError
     from lycoft.formats.lycoris import read_adapter
-    from lycoft.formats.safe_io import read_safetensors_header
-    from lycoft.formats.torch_checkpoint import load_torch_checkpoint
+    from lycoft.io.errors import AdapterFileError
+    from lycoft.io.safe_io import read_safetensors_header
+    from lycoft.io.torch_checkpoint import load_torch_checkpoint
 
 READERS = (
     (".safetensors", read_safetensors_header),

@@ -53,8 +53,8 @@ def modules_with_params(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
 
 
-# Examples from reference/formats.md section 4 (ComfyUI's verified SD1.5 table) and the LDM layouts of
-# offline-feasibility.md section 2; module paths (no parameter suffix).
+# Examples from ComfyUI's SD1.5 table (comfy/utils.py, unet_to_diffusers) and the LDM layouts of the
+# original checkpoints (docs/spec.md, "Key names"); module paths (no parameter suffix).
 SD15_EXAMPLES = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",

@@ -25,7 +25,7 @@ from lycoft.checkpoints import (
     save_single_file,
     vae_state_dict_to_ldm,
 )
-from lycoft.formats import UnsafeCheckpointError
+from lycoft.io import UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 

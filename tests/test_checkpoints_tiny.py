@@ -34,7 +34,7 @@ def test_tiny_pipeline_generates_64px_images(family):
 
 def test_shapes_follow_the_recipe():
     sd1, sd2, sdxl = (build_tiny_pipeline(f) for f in FAMILIES)
-    # Parameter counts of reference/offline-feasibility.md (text encoders: 552-token vocabulary).
+    # The parameter counts the tiny recipes are designed to (text encoders: 552-token vocabulary).
     assert _params(sd1.unet) == _params(sd2.unet) == 2_446_788
     assert _params(sdxl.unet) == 3_124_868
     assert _params(sd1.vae) == 1_028_935
@@ -72,7 +72,7 @@ def test_weights_are_a_function_of_the_seed():
 def test_build_takes_under_a_second(family):
     build_tiny_pipeline(family)  # warm the imports
     times = []
-    for _ in range(3):  # best of three: the machine is shared
+    for _ in range(3):  # best of three: other processes may load the machine
         start = time.perf_counter()
         build_tiny_pipeline(family)
         times.append(time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""The fast kernels (issue #5) against slow, obviously-correct float64 references: same values, same gradients."""
+"""The fast kernels against slow, obviously-correct float64 references: same values, same gradients."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from lycoft.ops.weight_path import ConvSpec, rotated_weight_op
 
 
 def dense_butterfly(R: torch.Tensor) -> torch.Tensor:
-    """SPEC section 2 with explicit permutation matrices: interleave, block-diagonal R_i, undo."""
+    """docs/spec.md, "Butterfly", with explicit permutation matrices: interleave, block-diagonal R_i, undo."""
     m, nb, b, _ = R.shape
     C = nb * b
     M = torch.eye(C, dtype=torch.float64)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import lycoft
 from lycoft import AdapterConfig
-from lycoft.formats import AdapterFileError, read_safetensors
+from lycoft.io import AdapterFileError, read_safetensors
 from lycoft.ops import cayley, skew
 
 TOL = 1e-5  # relative, float32 merged weights against float64 references
@@ -20,7 +20,7 @@ TOL = 1e-5  # relative, float32 merged weights against float64 references
 @pytest.fixture(autouse=True)
 def _lycoris_without_timestep_embedding_preset(monkeypatch):
     """lycoris-lora 4.1.3 lists TimestepEmbedding in its kohya UNet targets, so on a diffusers SD UNet it
-    creates time_embedding.linear_1 twice and its network constructor fails (formats.md section 4 pitfall).
+    creates time_embedding.linear_1 twice and its network constructor fails (docs/spec.md, "LyCORIS").
     Removing that one class name from the peer's target list is the documented workaround."""
     from lycoris.kohya import LycorisNetworkKohya
 
@@ -126,7 +126,7 @@ def test_real_lycoris_loader_gives_our_merged_weights(tmp_path, tiny_pipes, name
     lyco, _ = create_network_from_weights(multiplier, path, None, tes, pipe.unet)
     modules = {m.lora_name: m for m in lyco.unet_loras + lyco.text_encoder_loras}
     # transformers 5 flattened CLIPTextModel (TE1): LyCORIS names it lora_te1_encoder_..., so it cannot
-    # match TE1 keys (formats.md section 4 pitfall); the UNet (LDM names) does not match either, since
+    # match TE1 keys (docs/spec.md, "Key names"); the UNet (LDM names) does not match either, since
     # LyCORIS names a diffusers SDXL UNet by diffusers paths. TE2 keeps text_model. and matches.
     te2 = [k for k in net.adapters if k.startswith("lora_te2_")]
     assert te2 and all(k in modules for k in te2)

@@ -135,9 +135,9 @@ def test_merge_to_and_backup_restore(tmp_path, tiny_pipes):
 
 def test_unknown_and_bad_network_args_are_clear_errors(tiny_pipes):
     pipe = tiny_pipes("sd1")
-    with pytest.raises(ValueError, match=r"unknown network arg\(s\) \['blocksize'\]"):
+    with pytest.raises(ValueError, match=r"unknown network_args key 'blocksize'; did you mean 'block_size'"):
         kohya.create_network(1.0, 4, None, None, pipe.text_encoder, pipe.unet, blocksize="8")
-    with pytest.raises(ValueError, match="butterfly_factors='two' must be a int"):
+    with pytest.raises(ValueError, match="network_args butterfly_factors must be an integer, got 'two'"):
         kohya.create_network(1.0, 4, None, None, pipe.text_encoder, pipe.unet, algo="boft", butterfly_factors="two")
-    with pytest.raises(ValueError, match="expected True/False"):
+    with pytest.raises(ValueError, match="network_args rescale must be true or false, got 'maybe'"):
         kohya.create_network(1.0, 4, None, None, pipe.text_encoder, pipe.unet, rescale="maybe")

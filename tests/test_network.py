@@ -108,7 +108,7 @@ def test_key_names_follow_the_conventions(tiny_pipes, family, expected):
 
 
 def test_full_preset_covers_exactly_the_lycoris_module_kinds(tiny_pipes):
-    """formats.md section 4: the LyCORIS `full` module list on an SD1.5-style model."""
+    """docs/spec.md, "LyCORIS": the LyCORIS `full` module list on an SD1.5-style model."""
     pipe = tiny_pipes("sd1")
     net = lycoft.inject(pipe=pipe, config=AdapterConfig(block_size=4), preset="full")
     kinds = set()

@@ -1,4 +1,4 @@
-"""Properties of the pure math (SPEC sections 2-3), each against an obviously-correct float64 reference."""
+"""Properties of the pure math (docs/spec.md), each against an obviously-correct float64 reference."""
 
 import pytest
 import torch
@@ -141,7 +141,7 @@ def test_butterfly_matches_dense_permutation_reference(m, nb, b):
 
 
 def test_one_stage_butterfly_is_not_diag_oft():
-    """SPEC: a 1-stage BOFT differs from diag-OFT with the same tensor (transpose and interleave)."""
+    """docs/spec.md: a 1-stage BOFT differs from diag-OFT with the same tensor (transpose and interleave)."""
     torch.manual_seed(0)
     R = cayley(skew(torch.randn(1, 4, 4, 4) * 0.3))
     W = torch.randn(16, 3)

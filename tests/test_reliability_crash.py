@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lycoft.formats.safe_io import read_safetensors
+from lycoft.io.safe_io import read_safetensors
 from lycoft.training.saving import TrainState
 from lycoft.training.toy_data import make_toy_dataset
 
@@ -42,7 +42,7 @@ DRIVER = textwrap.dedent("""
     import os, sys, time
     import torch
     torch.set_num_threads(1)
-    from lycoft.formats import atomic
+    from lycoft.io import atomic
     from lycoft.training import losses, sampling, saving, loop
 
     def mark(what):

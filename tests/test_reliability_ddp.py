@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import Planted
 
-from lycoft.formats.safe_io import read_safetensors
+from lycoft.io.safe_io import read_safetensors
 from lycoft.training.saving import TrainState
 from lycoft.training.toy_data import make_toy_dataset
 

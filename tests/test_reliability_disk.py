@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lycoft.formats import atomic
-from lycoft.formats.safe_io import read_safetensors
+from lycoft.io import atomic
+from lycoft.io.safe_io import read_safetensors
 from lycoft.training import loop
 from lycoft.training.saving import TrainState
 from lycoft.training.toy_data import make_toy_dataset

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from tiny_files import OFT, shared_files
 
 import lycoft
-from lycoft.formats import AdapterFileError
-from lycoft.formats.lycoris import layer_tensors
+from lycoft.io import AdapterFileError
 from lycoft.merge import merge_adapters
+from lycoft.network_files import layer_tensors
 
 
 def test_nan_in_an_adapter_is_refused_by_load_and_merge_naming_the_key(tmp_path):

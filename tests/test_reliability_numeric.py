@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lycoft.formats.safe_io import read_safetensors
+from lycoft.io.safe_io import read_safetensors
 from lycoft.training import loop
 from lycoft.training.config import parse_args
 from lycoft.training.saving import TrainState

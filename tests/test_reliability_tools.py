@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny_files import OFT, write_adapter, write_base
 
-from lycoft.formats.safe_io import read_safetensors
+from lycoft.io.safe_io import read_safetensors
 from lycoft.merge import merge_adapters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 # inside the write.
 DRIVER = textwrap.dedent("""
     import os, runpy, sys, time
-    from lycoft.formats import streaming
+    from lycoft.io import streaming
     real = streaming.tensor_bytes
     def tensor_bytes(t):
         os.write(2, b"\\n@@tensor\\n")
@@ -122,7 +122,7 @@ def test_stale_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_
     that name; a temporary a live writer holds locked, a fresh one, or another name's are kept."""
     import fcntl
 
-    from lycoft.formats.atomic import atomic_write
+    from lycoft.io.atomic import atomic_write
 
     target = tmp_path / "merged.safetensors"
     old = time.time() - 3600
@@ -153,7 +153,7 @@ def test_a_killed_diffusers_merge_leaves_a_temporary_folder_that_the_next_merge_
     a folder a live writer holds, and another output's, are kept."""
     import fcntl
 
-    from lycoft.formats.atomic import remove_stale_dirs
+    from lycoft.io.atomic import remove_stale_dirs
 
     base = write_base("sd1", "diffusers", tmp_path / "base")
     driver = tmp_path / "driver.py"

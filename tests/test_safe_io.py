@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-import lycoft.formats.safe_io as safe_io
-from lycoft.formats import (
+import lycoft.io.safe_io as safe_io
+from lycoft.io import (
     AdapterFileError,
     UnsafeCheckpointError,
     atomic_write,
@@ -36,7 +36,7 @@ from lycoft.formats import (
     same_file,
     save_safetensors_atomic,
 )
-from lycoft.formats.safe_io import DTYPE_BITS, torch_dtype_of
+from lycoft.io.safe_io import DTYPE_BITS, torch_dtype_of
 
 try:
     import resource
@@ -622,7 +622,7 @@ def test_checkpoint_with_custom_class_is_refused_without_allow_pickle(tmp_path, 
     message = str(info.value)
     assert str(path) in message and "_CustomThing" in message
     assert ".safetensors" in message and "--allow-pickle" in message
-    with caplog.at_level(logging.WARNING, logger="lycoft.formats.torch_checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="lycoft.io.torch_checkpoint"):
         loaded = load_torch_checkpoint(path, allow_pickle=True)
     assert torch.equal(loaded["w"], torch.ones(2))
     assert "allow_pickle" in caplog.text and str(path) in caplog.text

@@ -21,8 +21,8 @@ from tiny_files import (
 )
 
 import lycoft
-from lycoft.formats import AdapterFileError, read_safetensors
-from lycoft.formats.convert import convert_adapter
+from lycoft.convert import convert_adapter
+from lycoft.io import AdapterFileError, read_safetensors
 from lycoft.ops import cayley, skew
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_peft_boft_to_full_differences(tmp_path, files):
 @pytest.fixture
 def lycoris_without_timestep_embedding(monkeypatch):
     """lycoris-lora 4.1.3 lists TimestepEmbedding in its UNet targets and then creates time_embedding.linear_1
-    twice on a diffusers UNet (formats.md section 4 pitfall); the documented workaround."""
+    twice on a diffusers UNet (docs/spec.md, "LyCORIS"); the documented workaround."""
     from lycoris.kohya import LycorisNetworkKohya
 
     targets = [t for t in LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE if t != "TimestepEmbedding"]

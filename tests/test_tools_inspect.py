@@ -112,7 +112,7 @@ def test_verdicts_agree_with_the_real_lycoris_loader(tmp_path, files, monkeypatc
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
     targets = [t for t in LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE if t != "TimestepEmbedding"]
-    monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_MODULE", targets)  # formats.md section 4
+    monkeypatch.setattr(LycorisNetworkKohya, "UNET_TARGET_REPLACE_MODULE", targets)  # docs/spec.md, "LyCORIS"
     f = files("sd1")
     ins = inspect_adapter(str(f["a"]))
     assert "block_size_gt_block_num" in ins.facts

@@ -24,11 +24,11 @@ from tiny_files import (
 
 import lycoft
 from lycoft.checkpoints import load_pipeline
-from lycoft.formats import AdapterFileError, read_safetensors
+from lycoft.io import AdapterFileError, read_safetensors
 from lycoft.merge import AdapterArg, merge_adapters
 
 REPO = Path(__file__).resolve().parents[1]
-LAYER_TOL = 1e-5  # float32, relative per layer (SPEC: exactness)
+LAYER_TOL = 1e-5  # float32, relative per layer (docs/spec.md, "Exactness")
 # Whole-model outputs: the merged file and the on-the-fly model round differently in every layer (~1e-7),
 # and the random tiny UNets amplify that through ~20 norm layers: measured 1e-6 (SDXL) to 6e-5 (SD1/SD2),
 # the same size as the gap between lycoft's own two exact execution paths on the same model (2e-5).

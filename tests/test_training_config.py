@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from lycoft.training.config import (
-    TrainConfig,
-    config_from_dict,
-    config_to_toml,
-    flag_table,
-    parse_args,
-    save_config_toml,
-)
+from lycoft.training.config import config_from_dict, parse_args
+from lycoft.training.config_files import config_to_toml, save_config_toml
 from lycoft.training.errors import ConfigError
+from lycoft.training.flags import TrainConfig, flag_table
 
 MODEL = ["--pretrained_model_name_or_path", "builtin:tiny-sd1"]
 
@@ -81,7 +76,7 @@ network_args = {{ algo = "boft", block_size = 8 }}
     a = parse_args(["--config", str(flat)])
     b = parse_args(["--config", str(sectioned)])
     assert a.replace(config=None) == b.replace(config=None)
-    assert b.network_options() == {"algo": "boft", "block_size": 8}
+    assert b.network_options().to_dict() == {"algo": "boft", "block_size": 8}
 
 
 def test_key_set_in_two_sections_is_an_error(tmp_path):
@@ -160,10 +155,12 @@ def test_resolution_forms(tmp_path, data_dir):
 def test_lists_and_their_typed_views(data_dir):
     cfg = parse_args([*base_args(data_dir), "--network_args", "algo=boft", "block_size=8", "rescale=true",
                       "--optimizer_args", "weight_decay=0.01", "betas=(0.9,0.99)", "--network_dim", "8"])
-    assert cfg.network_options() == {"algo": "boft", "block_size": 8, "rescale": True}
+    assert cfg.network_options().to_dict() == {"algo": "boft", "block_size": 8, "rescale": True}
     assert cfg.optimizer_kwargs() == {"weight_decay": 0.01, "betas": (0.9, 0.99)}
     only_dim = parse_args([*base_args(data_dir), "--network_dim", "16", "--network_dropout", "0.1"])
-    assert only_dim.network_options() == {"block_size": 16, "dropout": 0.1}
+    assert only_dim.network_options().to_dict() == {"block_size": 16, "dropout": 0.1}
+    # kohya's network_dropout is neuron dropout: reported, not applied as block dropout
+    assert only_dim.network_options().adapter.dropout == 0.0
 
 
 def test_warmup_as_steps_or_ratio(data_dir):
@@ -200,8 +197,11 @@ CROSS_FIELD_CASES = [
     ([*MODEL, "--train_data_dir", "DATA", "--sdxl", "--model_family", "sd1"], "--sdxl contradicts"),
     ([*MODEL, "--train_data_dir", "DATA", "--save_last_n_epochs", "2"], "needs --save_every_n_epochs"),
     ([*MODEL, "--train_data_dir", "DATA", "--sample_every_n_steps", "10"], "--sample_prompts is not set"),
-    ([*MODEL, "--train_data_dir", "DATA", "--network_dim", "8", "--network_args", "block_size=16"],
-     "disagree"),
+    ([*MODEL, "--train_data_dir", "DATA", "--network_args", "constraint=1e-3", "constrain=1e-2"],
+     "constraint is given twice with different values: --network_args constraint=1e-3 and "
+     "--network_args constrain=1e-2"),
+    ([*MODEL, "--train_data_dir", "DATA", "--network_dropout", "0.1", "--network_args", "dropout=0.2"],
+     "dropout is given twice"),
     ([*MODEL, "--train_data_dir", "DATA", "--network_args", "blocksize=16"], "did you mean 'block_size'"),
     ([*MODEL, "--train_data_dir", "DATA", "--network_args", "algo=lora"], "algo 'lora' is not known"),
     ([*MODEL, "--train_data_dir", "DATA", "--enable_bucket", "--resolution", "128"],
@@ -285,7 +285,7 @@ def test_unset_seed_is_drawn_once_and_kept(data_dir):
 
 def test_network_alpha_is_accepted_but_reported_as_ignored(data_dir, caplog):
     cfg = parse_args([*base_args(data_dir), "--network_alpha", "1"])
-    assert cfg.network_alpha == 1.0 and "network_alpha" not in str(cfg.network_options())
+    assert cfg.network_alpha == 1.0 and "network_alpha" not in str(cfg.network_options().to_dict())
     assert any("--network_alpha 1.0 is ignored" in r.getMessage() for r in caplog.records)
 
 

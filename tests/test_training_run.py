@@ -144,7 +144,7 @@ def test_resume_continues_the_uninterrupted_run(toy, tmp_path):
     # 2 batches of 2 per epoch, 5 steps = 2.5 epochs; interrupted after step 3 (mid-epoch), with a
     # warmup + cosine LR schedule so a wrong LR on resume would show.
     common = dict(train_batch_size=2, max_train_steps=5, lr_scheduler="cosine", lr_warmup_steps=2,
-                  network_args=["block_size=8", "preset=attn-only"], network_dropout=0.1)
+                  network_args=["block_size=8", "preset=attn-only", "module_dropout=0.1"])
     full = run(toy, tmp_path / "full", save_every_n_steps=3, save_state="true", **common)
     state_dir = tmp_path / "full" / "last-step00000003-state"
     saved = json.loads((state_dir / "train_state.json").read_text())

@@ -99,7 +99,7 @@ def test_prompt_files(tmp_path):
 
 
 def test_every_kohya_sampler_name_maps_to_a_scheduler(scheduler):
-    from lycoft.training.config import SAMPLERS
+    from lycoft.training.flags import SAMPLERS
     from lycoft.training.sampling import make_sampler
 
     for name in SAMPLERS:
@@ -310,7 +310,7 @@ def test_rank_check_reports_identical_parameters():
 
 
 def test_cli_help_lists_every_flag(capsys):
-    from lycoft.training.config import flag_table
+    from lycoft.training.flags import flag_table
     from lycoft.training.loop import main
 
     with pytest.raises(SystemExit) as e:
@@ -322,7 +322,7 @@ def test_cli_help_lists_every_flag(capsys):
 
 def test_configs_parse_and_the_demo_matches_its_preset():
     from lycoft.demo import DEMO_SETTINGS
-    from lycoft.training.config import load_config_toml
+    from lycoft.training.config_files import load_config_toml
 
     root = Path(__file__).resolve().parents[1] / "configs"
     presets = {p.name: load_config_toml(p) for p in sorted(root.glob("*.toml"))}

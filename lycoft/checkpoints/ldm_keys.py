@@ -2,7 +2,7 @@
 
 UNet paths are computed from the UNet's config (levels, resnets per level, which levels have
 attention), not from hard-coded tables, so the same code serves SD1.x, SD2.x, SDXL and the tiny
-builtin models. Layout facts (reference/offline-feasibility.md section 2, formats.md section 4):
+builtin models. Layout facts (docs/spec.md, "Key names" and "Checkpoints"):
 
 * ``down_blocks.i.resnets.j`` -> ``input_blocks.{start_i + j}.0``, attentions -> ``.1``, the
   downsampler -> ``input_blocks.{start_i + L_i}.0.op`` with ``start_0 = 1, start_{i+1} = start_i + L_i + 1``

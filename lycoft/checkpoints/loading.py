@@ -4,8 +4,8 @@ Sources: ``builtin:tiny-sd1|tiny-sd2|tiny-sdxl``, a diffusers folder, a single-f
 or ``.ckpt`` LDM checkpoint, or a hub id. Single files never need the hub: diffusers'
 ``from_single_file`` gets a bundled config folder (``config=..., local_files_only=True``) chosen by the
 detected family and model width, and tokenizers built in code. ``.ckpt`` files are read with
-``torch.load(weights_only=True)`` (no arbitrary unpickling; ``lycoft.formats.load_torch_checkpoint``)
-and handed over as a temporary safetensors. Files are written atomically (``lycoft.formats``).
+``torch.load(weights_only=True)`` (no arbitrary unpickling; ``lycoft.io.load_torch_checkpoint``)
+and handed over as a temporary safetensors. Files are written atomically (``lycoft.io``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..formats import load_torch_checkpoint, read_safetensors_header, save_safetensors_atomic
-from ..formats.atomic import atomic_directory
+from ..io import load_torch_checkpoint, read_safetensors_header, save_safetensors_atomic
+from ..io.atomic import atomic_directory
 from .bundled import bundled_config_dir, load_component_config
 from .families import (
     CLIP,

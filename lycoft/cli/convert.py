@@ -25,7 +25,7 @@ import logging
 import sys
 
 from ..checkpoints.families import FAMILIES
-from ..formats.convert import convert_adapter
+from ..convert import convert_adapter
 
 
 def build_parser() -> argparse.ArgumentParser:

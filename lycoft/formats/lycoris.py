@@ -1,4 +1,4 @@
-"""The LyCORIS adapter layout (SPEC section 4): what ComfyUI, A1111 and LyCORIS read.
+"""The LyCORIS adapter layout (docs/spec.md, "The adapter file"): what ComfyUI, A1111 and LyCORIS read.
 
 Writes ``<key>.oft_blocks`` (3-D oft / 4-D boft, constraint baked in), ``<key>.alpha`` (always, just above
 the stored norm so that every consumer's clamp is inactive) and ``<key>.rescale`` when trained with it.
@@ -9,22 +9,16 @@ blocks) and LyCORIS 2.0 ``oft_diag`` files (R itself, converted by the exact inv
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
+from .._version import __version__
 from ..config import AdapterConfig, BlockLayout
+from ..io.errors import AdapterFileError
+from ..io.safe_io import read_safetensors, save_safetensors_atomic
 from ..ops import constraint_scale, inverse_cayley, orthogonality_error, skew
-from .errors import AdapterFileError
-
-if TYPE_CHECKING:
-    from ..network import Network
-
-log = logging.getLogger("lycoft")
 
 ALPHA_MARGIN = 1e-4  # alpha = ||Q_stored|| * (1 + margin) + 1e-6: no consumer's clamp ever fires
 ALPHA_FLOOR = 1e-6
@@ -33,119 +27,6 @@ ORTHO_TOL = 1e-3  # an oft_diag block further from orthogonal than this carries 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                 "sdxl": "stable-diffusion-xl-v1-base"}
-
-
-# -- writing ----------------------------------------------------------------------------------------------
-def layer_tensors(layer: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The file tensors of one adapter (suffix -> tensor), constraint baked into the stored blocks."""
-    if layer.side != "output":
-        return _input_side_tensors(layer, dtype)
-    A = layer.oft_blocks.detach().float()
-    if layer.constraint > 0:
-        A = A * constraint_scale(skew(A), layer.constraint * layer.layout.dim)
-    stored = A.to(dtype or layer.oft_blocks.dtype).contiguous()
-    # float64: blocks near float32's limit (a diverging run) must not give an inf alpha, which
-    # readers refuse as non-finite; capped at float32's max, which no consumer's clamp ever reaches.
-    norm = float(torch.linalg.vector_norm(skew(stored.double())))
-    alpha = min(norm * (1.0 + ALPHA_MARGIN) + ALPHA_FLOOR, torch.finfo(torch.float32).max)
-    out = {
-        "oft_blocks": stored,
-        "alpha": torch.tensor(alpha, dtype=torch.float32),
-    }
-    if layer.rescale is not None:
-        out["rescale"] = layer.rescale.detach().to(dtype or layer.rescale.dtype).contiguous()
-    return out
-
-
-def _input_side_tensors(layer: Any, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Input-side oft is written as PEFT's upper-triangle vector (``oft_R.weight``), never ``oft_blocks``.
-
-    PEFT's exact rotation is ``(I - S)(I + S)^-1`` per block with ``W' = W blockdiag(R_peft)^T``; ours is
-    ``W M^T`` with ``M = blockdiag(C(Q)^T)`` and ``C(Q)^T = (I - Q)(I + Q)^-1``, so ``S = Q``.
-    """
-    if layer.is_boft or layer.rescale is not None:
-        raise AdapterFileError(
-            f"{layer.name}: input-side boft or rescale has no file format any consumer reads; "
-            "train with side='output', or export full weight differences (tools/convert.py --to diff)"
-        )
-    Q = layer.skew_blocks().detach()
-    b = Q.shape[-1]
-    rows, cols = torch.triu_indices(b, b, 1)
-    return {"oft_R.weight": Q[:, rows, cols].to(dtype or torch.float32).contiguous()}
-
-
-def network_metadata(net: Network, output_name: str | None = None, v_prediction: bool = False
-                     ) -> dict[str, str]:
-    """kohya ``ss_*``, SAI ``modelspec.*`` and ``lycoft.*`` metadata (all strings)."""
-    from .. import __version__
-
-    cfg = net.config or AdapterConfig()
-    layers = list(net.adapters.values())
-    first = layers[0].layout if layers else None
-    algo = "diag-oft" if (first is None or first.algo == "oft") else "boft"
-    args: dict[str, str] = {"algo": algo, "preset": str(net.preset or "custom")}
-    if cfg.block_size is not None:
-        args["block_size"] = str(cfg.block_size)
-    if cfg.block_num is not None:
-        args["block_num"] = str(cfg.block_num)
-    if cfg.butterfly_factors is not None:
-        args["butterfly_factors"] = str(cfg.butterfly_factors)
-    if cfg.constraint:
-        args["constraint"] = str(cfg.constraint)
-    if cfg.rescale:
-        args["rescaled"] = "True"
-    base = BASE_MODEL_VERSION.get(net.family, "sd_v1")
-    if net.family == "sd2" and v_prediction:
-        base += "_v"
-    arch = ARCHITECTURE.get(net.family, "stable-diffusion-v1")
-    if net.family == "sd2" and v_prediction:
-        arch = "stable-diffusion-v2-768-v"
-    md = {
-        "ss_network_module": "lycoft.kohya",
-        "ss_network_dim": str(first.block_size if first else ""),
-        "ss_network_alpha": str(cfg.constraint),
-        "ss_network_args": json.dumps(args),
-        "ss_base_model_version": base,
-        "ss_v2": str(net.family == "sd2"),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if net.family == "sdxl" else "diffusers",
-        "lycoft.version": __version__,
-        "lycoft.algo": first.algo if first else "oft",
-        "lycoft.block_sizes": json.dumps(sorted({layer.layout.block_size for layer in layers})),
-        "lycoft.side": cfg.side,
-        "lycoft.constraint": str(cfg.constraint),
-        "lycoft.family": net.family,
-        "lycoft.cayley": "exact" if cfg.neumann_terms == 0 else f"neumann{cfg.neumann_terms}",
-    }
-    if output_name:
-        md["ss_output_name"] = output_name
-        md["modelspec.title"] = output_name
-    return md
-
-
-def network_tensors(net: Network, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, layer in net.adapters.items():
-        for suffix, t in layer_tensors(layer, dtype).items():
-            out[f"{key}.{suffix}"] = t
-    return out
-
-
-def save_network(net: Network, path: str, metadata: Mapping[str, str] | None = None,
-                 dtype: torch.dtype | None = None, output_name: str | None = None,
-                 v_prediction: bool = False) -> None:
-    """Atomic write of the adapter file; user metadata (e.g. kohya's ``ss_*``) wins over ours."""
-    from .safe_io import save_safetensors_atomic
-
-    md = network_metadata(net, output_name, v_prediction)
-    for k, v in (metadata or {}).items():
-        md[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-    if any(layer.rescale is not None and not layer.is_boft for layer in net.adapters.values()):
-        log.warning("lycoft: this oft file has rescale, which ComfyUI ignores for oft; ComfyUI users should get a "
-                    "full-difference export (tools/convert.py --to diff)")
-    save_safetensors_atomic(network_tensors(net, dtype), path, md)
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -284,106 +165,16 @@ def _check_rescale(path: str, head: str, rescale: torch.Tensor | None) -> torch.
 
 
 def read_adapter(path: str) -> tuple[dict[str, ModuleSpec], dict[str, str]]:
-    from .safe_io import read_safetensors
-
     tensors, metadata = read_safetensors(path)
     return parse_adapter_tensors(tensors, metadata, path), metadata
 
 
-def _copy_into(layer: Any, spec: ModuleSpec) -> None:
-    with torch.no_grad():
-        layer.oft_blocks.copy_(spec.blocks.to(layer.oft_blocks.dtype))
-        if spec.rescale is not None:
-            layer.rescale.copy_(spec.rescale.reshape(layer.rescale.shape).to(layer.rescale.dtype))
-
-
-def _module_dim(module: nn.Module, side: str) -> int:
-    from ..layers import layer_dims
-
-    out, fan_in, _ = layer_dims(module)
-    return out if side == "output" else fan_in
-
-
-def attach_specs(net: Network, specs: Mapping[str, ModuleSpec], unet: nn.Module | None,
-                 text_encoders: Sequence[nn.Module], path: str = "<tensors>", allow_partial: bool = False) -> None:
-    """Create one adapter per file module on the layer it names and copy the file's values into it.
-
-    Keys that match no layer are an error naming them, unless ``allow_partial`` (then a warning; still an
-    error when nothing matches). A layer of another width is always an error.
-    """
-    from ..network import candidate_index
-    from ..targets import Target
-
-    index = candidate_index(unet, text_encoders, net.family)
-    unmatched: list[str] = []
-    for key, spec in specs.items():
-        hit = index.get(key)
-        if hit is None:
-            unmatched.append(key)
-            continue
-        comp, mpath, module = hit
-        dim = _module_dim(module, spec.side)
-        if spec.layout_dim != dim:
-            raise AdapterFileError(
-                f"{path}: {key} rotates {spec.layout_dim} channels ({tuple(spec.blocks.shape)}) but "
-                f"{comp} layer {mpath} has {dim}; the adapter was trained for another model or family"
-            )
-        layer = net.add(Target(comp, mpath, key, module, spec.config()), layout=spec.layout())
-        _copy_into(layer, spec)
-    if unmatched:
-        shown = ", ".join(unmatched[:10]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 10 else "")
-        msg = f"{path}: {len(unmatched)} of {len(specs)} adapter keys match no layer of the model: {shown}"
-        if not allow_partial or len(unmatched) == len(specs):
-            raise AdapterFileError(msg + "; check the model family (sd1/sd2/sdxl) or pass allow_partial=True")
-        log.warning("lycoft: %s (ignored: allow_partial)", msg)
-
-
-def load_adapter(
-    path: str,
-    unet: nn.Module | None = None,
-    text_encoders: Sequence[nn.Module] | nn.Module | None = None,
-    multiplier: float = 1.0,
-    family: str | None = None,
-    pipe: Any = None,
-    allow_partial: bool = False,
-) -> Network:
-    """Read an adapter file and attach it to the model; returns the applied `Network`."""
-    from ..network import Network, _resolve_models, detect_family
-
-    unet, tes = _resolve_models(unet, text_encoders, pipe)
-    specs, metadata = read_adapter(path)
-    net = Network(family or metadata.get("lycoft.family") or detect_family(unet, tes))
-    attach_specs(net, specs, unet, tes, path, allow_partial)
-    net.set_multiplier(multiplier)
-    return net.apply()
-
-
-def load_into_network(net: Network, path: str, strict: bool = True) -> list[str]:
-    """Load a file into an existing network (same keys and shapes): kohya's ``load_weights``."""
-    specs, _ = read_adapter(path)
-    missing = []
-    for key, spec in specs.items():
-        layer = net.adapters[key] if key in net.adapters else None
-        if layer is None:
-            missing.append(key)
-            continue
-        if tuple(layer.oft_blocks.shape) != tuple(spec.blocks.shape) or layer.side != spec.side:
-            raise AdapterFileError(f"{path}: {key} has shape {tuple(spec.blocks.shape)}, the network expects "
-                                   f"{tuple(layer.oft_blocks.shape)}; use the same algo and block size")
-        if (spec.rescale is None) != (layer.rescale is None):
-            raise AdapterFileError(f"{path}: {key}: rescale present in one of file/network but not the other")
-        _copy_into(layer, spec)
-    if missing and strict:
-        raise AdapterFileError(f"{path}: keys {missing[:10]} are not in the network")
-    return missing
-
-
-# -- specs without a model (converters, merge and inspect tools) ------------------------------------------
+# -- writing ----------------------------------------------------------------------------------------------
 def spec_tensors(spec: ModuleSpec, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The file tensors of one module spec, as `layer_tensors` writes them for a layer.
+    """The file tensors of one module spec, as `lycoft.network_files.layer_tensors` writes them for a layer.
 
-    Output side: the constraint is baked into the stored blocks and alpha set just above their norm (SPEC
-    section 4). Input side: PEFT's upper-triangle vector ``oft_R.weight`` (exact Cayley, ``S = Q``).
+    Output side: the constraint is baked into the stored blocks and alpha set just above their norm (see
+    docs/spec.md). Input side: PEFT's upper-triangle vector ``oft_R.weight`` (exact Cayley, ``S = Q``).
     """
     A = spec.blocks.detach().float()
     if spec.side != "output":
@@ -411,8 +202,6 @@ def specs_metadata(specs: Mapping[str, ModuleSpec], family: str | None,
                    base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Metadata of a file written from specs: `base` (e.g. the source file's kohya ``ss_*`` keys) with the
     ``lycoft.*`` keys that say how to read it (constraint baked, side, algo)."""
-    from .. import __version__
-
     md = {k: v for k, v in (base or {}).items() if not k.startswith("lycoft.")}
     algos = sorted({s.algo for s in specs.values()})
     sides = sorted({s.side for s in specs.values()})
@@ -435,8 +224,6 @@ def specs_metadata(specs: Mapping[str, ModuleSpec], family: str | None,
 def save_specs(specs: Mapping[str, ModuleSpec], path: str, metadata: Mapping[str, str] | None = None,
                dtype: torch.dtype | None = None) -> None:
     """Atomic write of module specs in the lycoft/LyCORIS layout; `metadata` as from `specs_metadata`."""
-    from .safe_io import save_safetensors_atomic
-
     if any(s.side != "output" for s in specs.values()) and any(s.side == "output" for s in specs.values()):
         raise AdapterFileError(f"{path}: cannot mix input-side and output-side modules in one file")
     tensors: dict[str, torch.Tensor] = {}

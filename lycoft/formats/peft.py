@@ -1,4 +1,4 @@
-"""PEFT OFT / BOFT adapters (peft >= 0.16 layout; reference/formats.md sections 2.6-2.7).
+"""PEFT OFT / BOFT adapters (peft >= 0.16 layout; docs/spec.md, "PEFT OFT and BOFT").
 
 Layouts read: diffusers ``save_lora_adapter`` (bare ``<module path>.oft_R.weight`` with the PEFT config as
 JSON in the safetensors metadata key ``lora_adapter_metadata``), diffusers pipeline files (``unet.`` /
@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterFileError
+from ..io.atomic import atomic_write
+from ..io.errors import AdapterFileError
+from ..io.safe_io import read_safetensors, save_safetensors_atomic
+from ..ops import cayley
 from .lycoris import ModuleSpec
 
 PEFTMODEL_PREFIX = "base_model.model."
@@ -190,8 +193,6 @@ class PeftModule:
             )
         S = self.skew()
         Q = -S if self.neumann else S
-        from ..ops import cayley
-
         R_ours = cayley(Q).transpose(-1, -2)  # the blocks of M in W M^T
         R_ours = self._expand_shared(R_ours, fan_in)
         err = float(torch.linalg.matrix_norm(R_ours - self.rotation_blocks(fan_in)).max())
@@ -259,8 +260,6 @@ def read_peft(path: str | os.PathLike[str], component: str | None = None, config
               ) -> PeftAdapter:
     """Read a PEFT OFT/BOFT adapter (file, or PeftModel folder). `component` names the model of bare
     keys (default: text encoder 1 for ``text_model.`` paths, else the UNet)."""
-    from .safe_io import read_safetensors
-
     p = Path(path)
     if p.is_dir():
         p = p / WEIGHTS_FILE
@@ -327,9 +326,6 @@ def write_peft(modules: Mapping[str, ModuleSpec], out: str | os.PathLike[str], l
     folder with ``adapter_model.safetensors`` (``base_model.model.<path>``) and ``adapter_config.json``
     (``PeftModel.from_pretrained``).
     """
-    from .atomic import atomic_write
-    from .safe_io import save_safetensors_atomic
-
     tensors: dict[str, torch.Tensor] = {}
     sizes, counts = set(), set()
     for mpath, spec in modules.items():

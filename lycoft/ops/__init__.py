@@ -1,4 +1,4 @@
-"""Pure tensor math for OFT/BOFT (SPEC sections 1-3). Nothing here holds parameters or imports upward."""
+"""Pure tensor math for OFT/BOFT (docs/spec.md). Nothing here holds parameters or imports upward."""
 
 from .apply import rotate, rotate_weight
 from .blockdiag import blockdiag_apply

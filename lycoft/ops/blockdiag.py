@@ -1,7 +1,7 @@
 """Block-diagonal (oft) rotation of one dimension of a tensor.
 
 `R`: `(nb, b, b)`. The operator is `M = blockdiag(R_1^T, ..., R_nb^T)` acting on a dimension of size
-`nb * b` split into consecutive groups of `b` (SPEC section 2: group k of the weight rows becomes
+`nb * b` split into consecutive groups of `b` (docs/spec.md, "Block-diagonal OFT": group k of the rows becomes
 `R_k^T W_k`). The same function rotates weight rows (`dim=0`) and activation channels (`dim=1` for conv
 outputs, `dim=-1` for linear outputs).
 

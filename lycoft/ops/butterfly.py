@@ -1,6 +1,6 @@
 """Butterfly (boft) rotation of one dimension of a tensor, with reshapes only (no permutation matrices).
 
-`R`: `(m, nb, b, b)`, `b` even, dimension size `C = nb * b`, `2**(m-1)` divides `nb` (SPEC section 2).
+`R`: `(m, nb, b, b)`, `b` even, dimension size `C = nb * b`, `2**(m-1)` divides `nb` (docs/spec.md, "Butterfly").
 Stage `i` with `k = 2**i * b/2`: inside every chunk of `2k` entries interleave the two halves
 (`[0, k, 1, k+1, ...]`), apply `R_{i,t}` (not transposed) to each consecutive group of `b`, undo the
 interleave. The operator is `B = S_{m-1} ... S_0`.

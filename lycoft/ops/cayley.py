@@ -1,6 +1,6 @@
 """Cayley transform and the norm constraint: from a raw block `A` to an orthogonal rotation `R`.
 
-Conventions (SPEC section 1-2): skew part `Q = A - A^T` (no 1/2), `R = C(Q) = (I + Q)(I - Q)^-1`,
+Conventions (docs/spec.md, "Cayley transform"): skew part `Q = A - A^T` (no 1/2), `R = C(Q) = (I + Q)(I - Q)^-1`,
 always evaluated in float32 or float64 whatever dtype `A` is stored in.
 """
 

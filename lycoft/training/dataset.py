@@ -24,7 +24,6 @@ from PIL import Image, ImageOps
 from lycoft.training.buckets import Bucketer, CropPlan, plan_crop
 from lycoft.training.caching import LatentCache, LatentRequest
 from lycoft.training.captions import read_caption, split_tags, transform_caption
-from lycoft.training.config import TrainConfig
 from lycoft.training.dataset_config import (
     IMAGE_EXTENSIONS,
     DatasetConfig,
@@ -32,6 +31,7 @@ from lycoft.training.dataset_config import (
     datasets_from_config,
 )
 from lycoft.training.errors import ConfigError
+from lycoft.training.flags import TrainConfig
 from lycoft.training.sampler import BucketBatchSampler, derive_seed
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from lycoft.training.config import TrainConfig, parse_resolution, read_toml
+from lycoft.training.config_files import read_toml
 from lycoft.training.errors import ConfigError, did_you_mean
+from lycoft.training.flags import TrainConfig, parse_resolution
 
 logger = logging.getLogger(__name__)
 

@@ -1,16 +1,7 @@
-"""The one error type of training setup, and the did-you-mean helper its messages use."""
+"""The errors of training setup: the trainer's modules import them from here."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from lycoft.errors import ConfigError, did_you_mean
 
-
-class ConfigError(ValueError):
-    """A user mistake in flags, config files or dataset folders; the message says what to change."""
-
-
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest candidate, or ``""`` when nothing is close."""
-    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
+__all__ = ["ConfigError", "did_you_mean"]

@@ -31,13 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lycoft.training.config import TrainConfig
 from lycoft.training.errors import ConfigError
+from lycoft.training.flags import TrainConfig
 from lycoft.training.sampler import derive_seed
 
 logger = logging.getLogger("lycoft.train")
-
-ADAPTER_KEYS = ("algo", "block_size", "block_num", "butterfly_factors", "constraint", "rescale", "side", "dropout")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -172,18 +170,12 @@ def build_network(cfg: TrainConfig, models: Any):
     """Inject fresh adapters as `cfg` says (`--network_args`, `--network_train_*_only`)."""
     import lycoft
 
-    opts = cfg.network_options()
-    adapter = lycoft.AdapterConfig(**{k: opts[k] for k in ADAPTER_KEYS if k in opts})
     try:
         network = lycoft.inject(
             unet=None if cfg.network_train_text_encoder_only else models.unet,
             text_encoders=[] if cfg.network_train_unet_only else models.text_encoders,
-            config=adapter,
-            preset=opts.get("preset", "full"),
-            include=opts.get("include"),
-            exclude=opts.get("exclude"),
-            conv_block_size=opts.get("conv_block_size"),
             family=models.family,
+            **cfg.network_options().inject_kwargs(),
         )
     except ValueError as e:
         raise ConfigError(f"network_args: {e}") from None
@@ -313,7 +305,7 @@ def _train(cfg: TrainConfig, accelerator: Any) -> TrainResult:
 
     from lycoft.training import tracking
     from lycoft.training.conditioning import TextConditioner, sdxl_time_ids
-    from lycoft.training.config import save_config_toml
+    from lycoft.training.config_files import save_config_toml
     from lycoft.training.dataset import build_dataset
     from lycoft.training.losses import diffusion_loss, target_for
     from lycoft.training.metadata import step_metadata, training_metadata

@@ -1,6 +1,6 @@
 """kohya ``ss_*`` training metadata for adapter files (A1111, Civitai and kohya's tools read these).
 
-`training_metadata` returns the keys that describe the run; `lycoft.formats.lycoris.save_network` adds
+`training_metadata` returns the keys that describe the run; `lycoft.network_files.save_network` adds
 the network keys (``ss_network_module``, ``ss_base_model_version``, ``modelspec.*``, ``lycoft.*``) and
 lets these win, which is how ``ss_network_args`` carries the full training options.
 """
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lycoft.training.config import TrainConfig
+from lycoft.training.flags import TrainConfig
 
 
 def _model_name(source: str | None) -> str:
@@ -27,7 +27,7 @@ def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_proces
                       batches_per_epoch: int, num_epochs: int, total_steps: int, started_at: float,
                       session_id: int) -> dict[str, str]:
     """The run's fixed facts; `step_metadata` adds the counters at each save."""
-    options = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.network_options().items()}
+    options = cfg.network_options().to_strings()
     options.setdefault("algo", "oft")
     options.setdefault("preset", "full")
     options["algo"] = "diag-oft" if options["algo"] in ("oft", "diag-oft", "diag_oft") else options["algo"]

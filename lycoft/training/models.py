@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lycoft.training.config import TrainConfig
+from lycoft.training.flags import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from lycoft.training.config import TrainConfig
 from lycoft.training.errors import ConfigError
+from lycoft.training.flags import TrainConfig
 
 _NAMED = {
     "AdamW": ("torch.optim", "AdamW", None),

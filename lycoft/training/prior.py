@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from lycoft.training.config import TrainConfig
 from lycoft.training.dataset import list_images
 from lycoft.training.dataset_config import parse_dreambooth_folder_name
+from lycoft.training.flags import TrainConfig
 from lycoft.training.sampler import derive_seed
 
 logger = logging.getLogger(__name__)

@@ -205,7 +205,7 @@ class Saver:
     def save_adapter(self, network: Any, stem: str, *, step: int, epoch: int) -> Path | None:
         """Write ``<stem>.safetensors`` on the main process (every rank calls this; the others return None
         once the main process has written the file, or raise `SaveError` if it failed)."""
-        from lycoft.formats.lycoris import save_network
+        from lycoft.network_files import save_network
 
         path = self.output_dir / f"{stem}.safetensors"
         error: BaseException | None = None

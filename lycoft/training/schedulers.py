@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lycoft.training.config import TrainConfig
+from lycoft.training.flags import TrainConfig
 
 
 def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, *,

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from lycoft.training.config import TrainConfig
 from lycoft.training.errors import ConfigError
+from lycoft.training.flags import TrainConfig
 
 logger = logging.getLogger(__name__)
 

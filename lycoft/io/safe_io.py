@@ -29,8 +29,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lycoft.formats.atomic import atomic_write
-from lycoft.formats.errors import AdapterFileError
+from lycoft.io.atomic import atomic_write
+from lycoft.io.errors import AdapterFileError
 
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors library refuses larger headers; a real adapter's header is a few hundred KB."""

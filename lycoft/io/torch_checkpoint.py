@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from lycoft.formats.errors import AdapterFileError, UnsafeCheckpointError
-from lycoft.formats.safe_io import FIX_TRUNCATED, read_safetensors, require_regular_file
+from lycoft.io.errors import AdapterFileError, UnsafeCheckpointError
+from lycoft.io.safe_io import FIX_TRUNCATED, read_safetensors, require_regular_file
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ and every one of them adds ``strength * diff``. The rotation is baked at the mul
 file is meant to be used at strength 1.
 
 Base weights come from a base model on disk (`lycoft.base_model`), read one tensor at a time; the output
-is streamed too (`lycoft.formats.streaming`), so memory stays near one layer.
+is streamed too (`lycoft.io.streaming`), so memory stays near one layer.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..base_model import BaseModel, WeightSlot
-from .atomic import atomic_write
-from .errors import AdapterFileError
-from .streaming import FLOAT_DTYPES, OpenInputs, OutputTensor, dtype_name, write_streamed
+from .base_model import BaseModel, WeightSlot
+from .io.atomic import atomic_write
+from .io.errors import AdapterFileError
+from .io.streaming import FLOAT_DTYPES, OpenInputs, OutputTensor, dtype_name, write_streamed
 
 
 @dataclass

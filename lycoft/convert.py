@@ -9,7 +9,7 @@ without ``alpha``; `lycoft.formats.lycoris`), lycoft input-side files, PEFT OFT/
   input-side layout, which only lycoft reads. Keys respelled: UNet in diffusers or LDM names (``keys``,
   default the family's convention: LDM for SDXL), text encoders in the ``text_model_`` form.
 - ``peft``: input-side oft as a PEFT OFT adapter (exact Cayley), for one model component.
-- ``diff``: ``<key>.diff`` full weight differences against a base model (`lycoft.formats.diff`).
+- ``diff``: ``<key>.diff`` full weight differences against a base model (`lycoft.diff`).
 
 Key respelling needs the UNet's module names: from ``base`` when given, otherwise from the family's
 bundled diffusers config (instantiated on the meta device: no weights, no download).
@@ -28,16 +28,16 @@ from typing import Any
 
 import torch
 
-from ..base_model import BaseModel, adapter_key_spellings, family_of_adapter, open_base
-from ..checkpoints.families import FAMILIES, family_info
-from ..checkpoints.ldm_keys import UNetLayout, text_encoder_module_path, unet_module_path_to_ldm
-from ..naming import UNET_PREFIX, te_prefix, to_key
-from .atomic import refuse_overwrite, same_file
-from .errors import AdapterFileError
-from .lycoris import ModuleSpec, parse_adapter_tensors, save_specs, specs_metadata
-from .peft import PeftAdapter, PeftModule, is_peft_tensors, read_peft, write_peft
-from .safe_io import read_safetensors
-from .streaming import DTYPE_CHOICES
+from .base_model import BaseModel, adapter_key_spellings, family_of_adapter, open_base
+from .checkpoints.families import FAMILIES, family_info
+from .checkpoints.ldm_keys import UNetLayout, text_encoder_module_path, unet_module_path_to_ldm
+from .formats.lycoris import ModuleSpec, parse_adapter_tensors, save_specs, specs_metadata
+from .formats.peft import PeftAdapter, PeftModule, is_peft_tensors, read_peft, write_peft
+from .io.atomic import refuse_overwrite, same_file
+from .io.errors import AdapterFileError
+from .io.safe_io import read_safetensors
+from .io.streaming import DTYPE_CHOICES
+from .naming import UNET_PREFIX, te_prefix, to_key
 
 log = logging.getLogger("lycoft")
 
@@ -90,8 +90,8 @@ def _family_module_paths(family: str) -> tuple[tuple[str, str], ...]:
     import transformers
     from diffusers import UNet2DConditionModel
 
-    from ..checkpoints.bundled import load_component_config
-    from ..layers import SUPPORTED
+    from .checkpoints.bundled import load_component_config
+    from .layers import SUPPORTED
 
     info = family_info(family)
     out: list[tuple[str, str]] = []
@@ -347,8 +347,8 @@ def _to_peft(adapter: ReadAdapter, fam: str, model: BaseModel | None, out: str, 
 
 def _to_diff(adapter: ReadAdapter, model: BaseModel, out: str, multiplier: float, dtype: torch.dtype | None,
              allow_partial: bool, report: ConvertReport) -> None:
-    from ..merge import apply_spec
     from .diff import LayerChange, export_diff
+    from .merge import apply_spec
 
     changes: list[LayerChange] = []
     if adapter.peft is not None:

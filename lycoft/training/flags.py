@@ -1,0 +1,574 @@
+"""Every trainer flag in one table, and the values each flag takes.
+
+The table is the `TrainConfig` dataclass itself: each field carries its default, help text and group,
+so `--help`, TOML checking and the written-back config all read the same source. Flag names follow
+kohya sd-scripts wherever kohya has the flag, so kohya configs load unchanged. `check_value` and
+`value_from_text` turn what a TOML file or a command line gives into a flag's value, or say what is wrong.
+Nothing here imports torch or touches a model.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import cache
+from typing import Any, get_args, get_origin, get_type_hints
+
+from lycoft.config import OPTIONS, NetworkOptions, parse_network_args
+from lycoft.training.errors import ConfigError, did_you_mean
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor")
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+)
+# kohya's sample sampler names, so that kohya configs keep working.
+SAMPLERS = (
+    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+    "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
+)
+NETWORK_MODULES = ("lycoft", "lycoft.kohya")
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def flag(default: Any, help: str, *, group: str, choices: Sequence[str] | None = None,
+         kind: str | None = None) -> Any:
+    """A `TrainConfig` field: its default plus what `--help` and the checks need to know."""
+    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The resolved training configuration. Build it with `parse_args`; change it with `.replace()`."""
+
+    # --- model ---
+    pretrained_model_name_or_path: str | None = flag(
+        None, "Base model: a single-file .safetensors/.ckpt, a diffusers folder, a hub id, or "
+        "'builtin:tiny-sd1' (also tiny-sd2, tiny-sdxl) for the bundled tiny test models. Required.",
+        group="model")
+    vae: str | None = flag(
+        None, "A separate VAE (file, folder or hub id) to use instead of the model's own; a fixed VAE "
+        "avoids the black/NaN images of the fp16 SDXL VAE.", group="model")
+    model_family: str | None = flag(
+        None, "Force the model family instead of detecting it from the checkpoint. Detection is right "
+        "for standard checkpoints; force it for renamed or pruned ones.", group="model", choices=FAMILIES)
+    v2: bool = flag(False, "kohya spelling of --model_family sd2.", group="model")
+    sdxl: bool = flag(False, "kohya spelling of --model_family sdxl.", group="model")
+    v_parameterization: bool = flag(
+        False, "Train with the v-prediction target (SD2.x 768-v and v-pred SDXL finetunes). Wrong "
+        "for epsilon models: the adapter then learns to fight the base.", group="model")
+    clip_skip: int | None = flag(
+        None, "Use the text encoder's N-th hidden state from the end (2 = skip the last layer, as "
+        "anime SD1 models expect). Unset = the model's usual layer.", group="model")
+    max_token_length: int | None = flag(
+        None, "Caption length in tokens: unset = 75; 150 or 225 encode longer captions in 75-token "
+        "chunks (more text kept, slower text encoding).", group="model", choices=("75", "150", "225"))
+
+    # --- data ---
+    train_data_dir: str | None = flag(
+        None, "Folder of DreamBooth subfolders named '<repeats>_<class tokens>' (e.g. '10_sks dog'); "
+        "images directly inside it or in folders without the number are skipped with a warning.",
+        group="data")
+    reg_data_dir: str | None = flag(
+        None, "Regularization (prior preservation) images, same folder layout. They are cycled to "
+        "match the number of training images per epoch and weighted by --prior_loss_weight.",
+        group="data")
+    dataset_config: str | None = flag(
+        None, "A kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]]) instead of "
+        "--train_data_dir; the flags below act as its lowest-priority defaults.", group="data")
+    resolution: tuple[int, int] | None = flag(
+        None, "Training size: '512' or 'W,H' (e.g. '512,768'). Unset = 1024 for SDXL, 512 otherwise. "
+        "Larger = more detail, quadratically more compute and memory.", group="data", kind="resolution")
+    enable_bucket: bool = flag(
+        False, "Aspect-ratio bucketing: each image trains at the bucket (area <= resolution^2) closest "
+        "to its own aspect ratio instead of being cropped square. Keeps compositions; batches then "
+        "hold one bucket each, so small buckets give small batches.", group="data")
+    min_bucket_reso: int = flag(256, "Smallest bucket side in pixels.", group="data")
+    max_bucket_reso: int = flag(1024, "Largest bucket side in pixels.", group="data")
+    bucket_reso_steps: int = flag(
+        64, "Bucket sides are multiples of this (a multiple of 8, the VAE's factor). Smaller = buckets "
+        "closer to each image's aspect ratio, but more buckets and more partial batches.", group="data")
+    bucket_no_upscale: bool = flag(
+        False, "Never upscale: each image gets its own bucket no larger than the image (area still "
+        "<= resolution^2). Avoids blurry upscales of small images; creates more buckets.", group="data")
+    random_crop: bool = flag(
+        False, "Crop at a random offset instead of the center when an image is larger than its "
+        "bucket. More positional variety; cannot be combined with --cache_latents.", group="data")
+    flip_aug: bool = flag(
+        False, "Mirror images horizontally at random. Doubles the variety; wrong for asymmetric "
+        "subjects (text, logos, a parting on one side).", group="data")
+    max_data_loader_n_workers: int = flag(
+        8, "Data loader worker processes (0 = load in the training process), capped at the CPU "
+        "count. More workers hide image decoding; each costs memory.", group="data")
+
+    # --- captions ---
+    caption_extension: str = flag(
+        ".caption", "Caption file extension next to each image (kohya's default is '.caption'; most "
+        "datasets use '.txt'). Images without a caption file use their folder's class tokens.",
+        group="captions")
+    shuffle_caption: bool = flag(
+        False, "Shuffle the comma-separated tags of each caption every step, so no tag order is "
+        "learned. For tag-style captions, not for sentences.", group="captions")
+    keep_tokens: int = flag(
+        0, "Keep the first N comma-separated tags in place when shuffling (e.g. the trigger word).",
+        group="captions")
+    keep_tokens_separator: str = flag(
+        "", "Alternative to --keep_tokens: everything before this separator (e.g. '|||') stays fixed; "
+        "a second separator starts a fixed suffix.", group="captions")
+    caption_dropout_rate: float = flag(
+        0.0, "Probability of training a sample with an empty caption. A little (0.05-0.1) keeps the "
+        "adapter working without its trigger (better CFG); too much weakens the trigger.",
+        group="captions")
+    caption_tag_dropout_rate: float = flag(
+        0.0, "Probability of dropping each non-kept tag. Makes the adapter depend less on any single "
+        "tag; too much blurs what the tags mean.", group="captions")
+    caption_dropout_every_n_epochs: int = flag(
+        0, "Train every N-th epoch (counting from 1) with empty captions only; 0 = off.", group="captions")
+    caption_prefix: str = flag(
+        "", "Text put before every caption, with a space (e.g. a trigger word the caption files lack).",
+        group="captions")
+    caption_suffix: str = flag("", "Text put after every caption, with a space.", group="captions")
+    enable_wildcard: bool = flag(
+        False, "Wildcard captions: each step picks one line of a multi-line caption file and one "
+        "option of every {a|b|c} ('{{' and '}}' are literal braces).", group="captions")
+    caption_separator: str = flag(
+        ",", "What separates the tags that --shuffle_caption, --keep_tokens and tag dropout work on.",
+        group="captions")
+    secondary_separator: str = flag(
+        "", "Joins words that shuffle and tag dropout keep together as one tag (e.g. ';;;'); replaced "
+        "by --caption_separator afterwards.", group="captions")
+
+    # --- caching ---
+    cache_latents: bool = flag(
+        False, "Encode every image with the VAE once and reuse the latents: much faster steps and the "
+        "VAE can leave the GPU. Each image's crop is then fixed, so --random_crop cannot be used; "
+        "--flip_aug still works (both orientations are cached).", group="caching")
+    cache_latents_to_disk: bool = flag(
+        False, "Also keep the cached latents on disk ('<image>.lycoft.npz'), reused across runs and "
+        "invalidated when an image or its bucket changes. Implies --cache_latents.", group="caching")
+    vae_batch_size: int = flag(
+        1, "Images per VAE call while caching latents. Larger = faster caching, more memory.",
+        group="caching")
+    cache_text_encoder_outputs: bool = flag(
+        False, "Encode every caption once and reuse it (the text encoder must be frozen: needs "
+        "--network_train_unet_only; captions must not change, so no shuffle or dropout). Saves "
+        "memory and time, mostly for SDXL.", group="caching")
+
+    # --- training ---
+    train_batch_size: int = flag(
+        1, "Images per step per device. Larger = smoother gradients and better GPU use, more memory.",
+        group="training")
+    max_train_steps: int = flag(
+        1600, "Total optimizer steps. Ignored when --max_train_epochs is given.", group="training")
+    max_train_epochs: int | None = flag(
+        None, "Train this many epochs (one epoch = every image times its repeats); overrides "
+        "--max_train_steps.", group="training")
+    gradient_accumulation_steps: int = flag(
+        1, "Accumulate gradients over N batches per optimizer step: a larger effective batch without "
+        "more memory, N times slower per step.", group="training")
+    gradient_checkpointing: bool = flag(
+        False, "Recompute UNet activations in the backward pass: much less memory, ~20-30% slower.",
+        group="training")
+    seed: int | None = flag(
+        None, "Seed for data order, augmentation, noise and init. Unset = a random seed, recorded in "
+        "the saved config so the run can be repeated.", group="training")
+    skip_nonfinite: bool = flag(
+        False, "Skip (and count) steps whose loss is NaN/inf instead of stopping. Rescues a long run "
+        "from rare fp16 overflows; a rising count means the setup is unstable.", group="training")
+    cpu: bool = flag(False, "Train on the CPU even when a GPU is present (slow; for tests).",
+                     group="training")
+
+    # --- precision ---
+    mixed_precision: str = flag(
+        "no", "Autocast precision: bf16 (Ampere+; safe range) or fp16 (older GPUs; loss scaling "
+        "needed). The OFT rotation is always built in fp32.", group="precision",
+        choices=("no", "fp16", "bf16"))
+    full_fp16: bool = flag(
+        False, "Keep the adapter weights themselves in fp16: less memory, risk of underflow.",
+        group="precision")
+    full_bf16: bool = flag(
+        False, "Keep the adapter weights in bf16: less memory, coarser updates.", group="precision")
+    save_precision: str | None = flag(
+        None, "dtype of the saved adapter; unset = float. fp16/bf16 halve the file; OFT blocks are "
+        "small, so float is usually worth it.", group="precision", choices=("float", "fp16", "bf16"))
+    no_half_vae: bool = flag(
+        False, "Run the VAE in fp32 even with mixed precision (fixes NaN latents of the SDXL VAE).",
+        group="precision")
+    xformers: bool = flag(False, "Use xformers attention (needs the xformers package).",
+                          group="precision")
+    sdpa: bool = flag(False, "Use PyTorch scaled-dot-product attention (memory-efficient, no extra "
+                      "package).", group="precision")
+
+    # --- optimizer ---
+    optimizer_type: str = flag(
+        "AdamW", "AdamW, AdamW8bit (bitsandbytes; less memory), Prodigy (learns its own step size: "
+        "set --learning_rate 1), Lion, Adafactor, or a dotted class path such as torch.optim.SGD.",
+        group="optimizer")
+    optimizer_args: list[str] = flag(
+        [], "Extra optimizer arguments as key=value (e.g. weight_decay=0.01 'betas=(0.9,0.99)'); "
+        "values are Python literals.", group="optimizer")
+    learning_rate: float = flag(
+        1e-4, "Base learning rate. OFT parameters are rotations, so rates well above LoRA's "
+        "(1e-4..1e-3) are usual; too high overshoots the subject.", group="optimizer")
+    unet_lr: float | None = flag(None, "UNet learning rate; unset = --learning_rate.", group="optimizer")
+    text_encoder_lr: list[float] | None = flag(
+        None, "Text encoder learning rate; unset = --learning_rate. Lower than the UNet's keeps the "
+        "text encoder from overfitting the trigger. SDXL takes one per text encoder, as in kohya "
+        "(--text_encoder_lr 1e-5 2e-5: CLIP-L, then OpenCLIP-G); one value serves both.",
+        group="optimizer", kind="floats")
+    max_grad_norm: float = flag(
+        1.0, "Clip the gradient norm to this (0 = no clipping).", group="optimizer")
+
+    # --- scheduler ---
+    lr_scheduler: str = flag(
+        "constant", "Learning-rate schedule.", group="scheduler", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int | float = flag(
+        0, "Warmup steps (an integer) or a fraction of all steps (a number < 1, e.g. 0.05). Needs a "
+        "schedule with warmup (not 'constant').", group="scheduler", kind="warmup")
+    lr_scheduler_num_cycles: int = flag(
+        1, "Restarts of cosine_with_restarts.", group="scheduler")
+    lr_scheduler_power: float = flag(1.0, "Exponent of the polynomial schedule.", group="scheduler")
+
+    # --- loss ---
+    noise_offset: float = flag(
+        0.0, "Add this much per-channel offset noise (0.05-0.1 typical): lets the model learn very "
+        "dark and very bright images; too much washes out mid-tones. 0 = off.", group="loss")
+    min_snr_gamma: float | None = flag(
+        None, "Min-SNR loss weighting with this gamma (5 is the paper's value): faster, steadier "
+        "convergence by down-weighting easy low-noise steps. Unset = plain MSE.", group="loss")
+    prior_loss_weight: float = flag(
+        1.0, "Loss weight of regularization images. Higher keeps the class closer to the base model; "
+        "lower lets the subject dominate.", group="loss")
+
+    # --- network ---
+    network_module: str = flag(
+        "lycoft", "Adapter implementation. This trainer trains lycoft OFT/BOFT adapters only ("
+        "'lycoft.kohya' is the same network as kohya sees it).", group="network",
+        choices=NETWORK_MODULES)
+    network_dim: int | None = flag(
+        None, "OFT block size (kohya spelling; same as network_args block_size). Bigger blocks: more "
+        "expressive, more parameters and compute. Unset = 32 for oft, 8 for boft.", group="network")
+    network_alpha: float | None = flag(
+        None, "Ignored for OFT/BOFT; accepted so kohya configs load. The constraint is set with "
+        "network_args constraint=...", group="network")
+    network_args: list[str] = flag(
+        [], "Adapter options as key=value, the same keys as --network_module lycoft.kohya takes: "
+        + ", ".join(o.key for o in OPTIONS if not o.ignored) + " (README, 'Network args').",
+        group="network")
+    network_dropout: float | None = flag(
+        None, "kohya's neuron dropout (network_args dropout): has no meaning for a rotation, so it is "
+        "reported and ignored. Block dropout is network_args module_dropout=<p>.", group="network")
+    network_weights: str | None = flag(
+        None, "Start from these adapter weights (a warm start, not a resume).", group="network")
+    network_train_unet_only: bool = flag(
+        False, "Adapt the UNet only: faster, less memory, needed to cache text encoder outputs.",
+        group="network")
+    network_train_text_encoder_only: bool = flag(
+        False, "Adapt the text encoder(s) only.", group="network")
+
+    # --- prior preservation ---
+    num_class_images: int = flag(
+        0, "Generate class images with the base model until --reg_data_dir holds this many "
+        "(needs --class_prompt). 0 = use the folder as it is.", group="prior")
+    class_prompt: str | None = flag(
+        None, "Prompt for generating class images (e.g. 'a photo of a dog').", group="prior")
+
+    # --- saving ---
+    output_dir: str = flag("output", "Where adapters, states and the resolved config are written.",
+                           group="saving")
+    output_name: str = flag(
+        "last", "Adapter file name without extension; intermediate saves add '-<epoch or step>'.",
+        group="saving")
+    save_model_as: str = flag(
+        "safetensors", "File format of saved adapters; lycoft writes safetensors only.", group="saving",
+        choices=("safetensors",))
+    save_every_n_steps: int | None = flag(None, "Also save an adapter every N steps.", group="saving")
+    save_every_n_epochs: int | None = flag(None, "Also save an adapter every N epochs.", group="saving")
+    save_last_n_steps: int | None = flag(
+        None, "Delete step saves older than N steps (keeps disk use bounded).", group="saving")
+    save_last_n_epochs: int | None = flag(
+        None, "Keep only the last N epoch saves.", group="saving")
+    save_state: bool = flag(
+        False, "Save the full training state (optimizer, scheduler, RNG, step) with each adapter so "
+        "--resume can continue exactly; several times the adapter's size.", group="saving")
+    resume: str | None = flag(
+        None, "Continue from a state folder written by --save_state (step and epoch carry over); 'auto': "
+        "from the newest state of --output_name in --output_dir (by step), or from scratch if there is none, "
+        "for restart-until-done loops.", group="saving")
+
+    # --- sampling ---
+    sample_prompts: str | None = flag(
+        None, "File of prompts (one per line, kohya options --w --h --d --s --l --n) to render during "
+        "training.", group="sampling")
+    sample_every_n_steps: int | None = flag(None, "Render samples every N steps.", group="sampling")
+    sample_every_n_epochs: int | None = flag(None, "Render samples every N epochs.", group="sampling")
+    sample_sampler: str = flag("ddim", "Scheduler used for samples.", group="sampling", choices=SAMPLERS)
+    sample_at_first: bool = flag(False, "Render samples before the first step (the base model's "
+                                 "look, for comparison).", group="sampling")
+
+    # --- logging ---
+    logging_dir: str | None = flag(
+        None, "Write logs here; unset = no logs.", group="logging")
+    log_with: str | None = flag(
+        None, "Logger: tensorboard, wandb or all; unset with --logging_dir = tensorboard.",
+        group="logging", choices=("tensorboard", "wandb", "all"))
+
+    # --- the config file itself (command line only) ---
+    config: str | None = flag(
+        None, "TOML file with any of these flags as keys (flat, or in sections like kohya's "
+        "--config_file); the command line overrides it.", group="config")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def family_override(self) -> str | None:
+        """The family the user forced ('sd1', 'sd2', 'sdxl'), or None to detect it from the model."""
+        if self.model_family:
+            return self.model_family
+        if self.sdxl:
+            return "sdxl"
+        if self.v2:
+            return "sd2"
+        return None
+
+    def text_encoder_lrs(self, count: int) -> list[float | None]:
+        """The learning rate of each of `count` text encoders (None = --learning_rate): one value of
+        --text_encoder_lr serves all of them, two name SDXL's two in order."""
+        lrs = self.text_encoder_lr
+        if not lrs:
+            return [None] * count
+        if len(lrs) > count:
+            raise ConfigError(
+                f"--text_encoder_lr has {len(lrs)} values ({' '.join(map(str, lrs))}) but this model has "
+                f"{count} text encoder{'s' if count != 1 else ''}; give one value")
+        return [lrs[i] if i < len(lrs) else lrs[0] for i in range(count)]
+
+    def resolved_resolution(self, family: str | None = None) -> tuple[int, int]:
+        """(width, height): the flag if given, else the family's native size."""
+        if self.resolution is not None:
+            return self.resolution
+        return (1024, 1024) if (family or self.family_override) == "sdxl" else (512, 512)
+
+    def with_resolved_seed(self) -> TrainConfig:
+        """This config with a concrete seed: an unset one is drawn now, so that saving the config
+        records the seed that was actually used."""
+        if self.seed is not None:
+            return self
+        return self.replace(seed=random.SystemRandom().randrange(2**31))
+
+    def data_loader_workers(self) -> int:
+        """``--max_data_loader_n_workers`` capped at the CPU count (as kohya does)."""
+        return min(self.max_data_loader_n_workers, os.cpu_count() or 1)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """`--lr_warmup_steps` in steps: a fraction < 1 is a share of `total_steps`."""
+        if isinstance(self.lr_warmup_steps, float):
+            return int(round(self.lr_warmup_steps * total_steps))
+        return int(self.lr_warmup_steps)
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """`--optimizer_args` as keyword arguments (values read as Python literals, else strings)."""
+        out: dict[str, Any] = {}
+        for item in self.optimizer_args:
+            key, value = _split_kv(item, "optimizer_args")
+            try:
+                out[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                out[key] = value
+        return out
+
+    def network_options(self) -> NetworkOptions:
+        """`--network_args` with `--network_dim` and `--network_dropout`, read by the one option schema."""
+        return parse_network_args(self.network_args, network_dim=self.network_dim,
+                                  network_dropout=self.network_dropout, source="--network_args")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    kind: str  # bool, int, float, floats, str, list, resolution, warmup
+    nullable: bool
+    default: Any
+    help: str
+    group: str
+    choices: tuple[str, ...] | None
+
+
+@cache
+def flag_table() -> dict[str, Flag]:
+    """name -> flag description, in declaration order (the order of `--help`)."""
+    hints = get_type_hints(TrainConfig)
+    table: dict[str, Flag] = {}
+    for f in fields(TrainConfig):
+        hint = hints[f.name]
+        args = get_args(hint)
+        nullable = type(None) in args
+        base = [a for a in args if a is not type(None)] if args else [hint]
+        kind = f.metadata["kind"]
+        if kind is None:
+            if get_origin(hint) is list:
+                kind = "list"
+            else:
+                kind = {bool: "bool", int: "int", float: "float", str: "str"}[base[0]]
+        default = f.default if f.default is not MISSING else f.default_factory()
+        table[f.name] = Flag(f.name, kind, nullable, default, f.metadata["help"], f.metadata["group"],
+                              f.metadata["choices"])
+    return table
+
+
+_EXPECTED = {
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "list": "a list of strings",
+    "floats": "one number, or two for SDXL's two text encoders",
+    "resolution": "a size like 512 or '512,768'",
+    "warmup": "an integer step count or a fraction < 1",
+}
+
+
+def _type_error(f: Flag, value: Any, where: str) -> ConfigError:
+    return ConfigError(f"{where} must be {_EXPECTED[f.kind]}, got {value!r} ({type(value).__name__})")
+
+
+def value_from_text(f: Flag, text: str | list[str], where: str) -> Any:
+    """Turn command-line text into the Python value a TOML file would have given."""
+    if f.kind == "list":
+        return list(text)
+    if f.kind == "floats":
+        try:
+            return [float(t) for t in text]
+        except ValueError:
+            raise ConfigError(f"{where} must be {_EXPECTED[f.kind]}, got {' '.join(text)!r}") from None
+    assert isinstance(text, str)
+    try:
+        if f.kind == "bool":
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if f.kind == "int":
+            return int(text)
+        if f.kind == "float":
+            return float(text)
+        if f.kind == "warmup":
+            return int(text) if text.strip().lstrip("+").isdigit() else float(text)
+    except ValueError:
+        raise ConfigError(f"{where} must be {_EXPECTED[f.kind]}, got {text!r}") from None
+    return text
+
+
+def check_value(f: Flag, value: Any, where: str) -> Any:
+    """Check a value's type against the flag, normalizing what has one obvious meaning."""
+    kind = f.kind
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool" and not isinstance(value, bool):
+        raise _type_error(f, value, where)
+    if kind == "int" and not (is_number and isinstance(value, int)):
+        raise _type_error(f, value, where)
+    if kind == "str" and not isinstance(value, str):
+        raise _type_error(f, value, where)
+    if kind == "float":
+        if not is_number:
+            raise _type_error(f, value, where)
+        value = float(value)
+    elif kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        elif isinstance(value, Mapping):  # `network_args = {algo = "oft"}` reads naturally in TOML
+            value = [f"{k}={_toml_scalar_text(v)}" for k, v in value.items()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _type_error(f, value, where)
+    elif kind == "floats":
+        items = value if isinstance(value, list) else [value]
+        if not items or len(items) > 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            raise _type_error(f, value, where)
+        value = [float(v) for v in items]
+    elif kind == "resolution":
+        value = parse_resolution(value, where)
+    elif kind == "warmup":
+        if not is_number or value < 0:
+            raise _type_error(f, value, where)
+        if isinstance(value, float) and value >= 1:
+            if value != int(value):
+                raise ConfigError(f"{where} is {value}: give a whole number of steps or a fraction < 1")
+            value = int(value)
+    if f.choices is not None:
+        chosen = _choose(f, str(value), where)
+        value = int(chosen) if kind == "int" else chosen
+    if f.name == "optimizer_type":
+        value = _optimizer_name(value, where)
+    if f.name == "network_args":  # checked and written in the schema's canonical spelling
+        value = parse_network_args(value, source=where).to_args()
+    if f.name == "caption_extension" and value and not value.startswith("."):
+        value = "." + value  # 'txt' can only mean '.txt'
+    return value
+
+
+def _toml_scalar_text(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _choose(f: Flag, value: str, where: str) -> str:
+    choices = f.choices or ()
+    for c in choices:
+        if value.lower() == c.lower():
+            return c
+    raise ConfigError(
+        f"{where} is {value!r}; choose one of {', '.join(choices)}{did_you_mean(value, choices)}"
+    )
+
+
+def _optimizer_name(value: str, where: str) -> str:
+    for name in OPTIMIZERS:
+        if value.lower() == name.lower():
+            return name
+    if "." in value.strip("."):
+        return value  # a class path, imported by the training loop
+    raise ConfigError(
+        f"{where} is {value!r}; use {', '.join(OPTIMIZERS)} or a dotted class path like "
+        f"torch.optim.SGD{did_you_mean(value, OPTIMIZERS)}"
+    )
+
+
+def parse_resolution(value: Any, where: str = "resolution") -> tuple[int, int]:
+    """512, '512', '512,768' or [512, 768] -> (width, height)."""
+    sides: list[Any]
+    if isinstance(value, bool):
+        sides = []
+    elif isinstance(value, int):
+        sides = [value, value]
+    elif isinstance(value, str):
+        parts = [p.strip() for p in value.replace("x", ",").split(",")]
+        sides = [int(p) if p.isdigit() else p for p in parts]
+        if len(sides) == 1:
+            sides = sides * 2
+    elif isinstance(value, (list, tuple)):
+        sides = list(value)
+    else:
+        sides = []
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise ConfigError(f"{where} must be a size like 512 or '512,768' (width,height), got {value!r}")
+    return (sides[0], sides[1])
+
+
+def _split_kv(item: str, flag_name: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--{flag_name} item {item!r} is not key=value; write e.g. 'block_size=16'")
+    return key.strip(), value.strip()

@@ -1,0 +1,256 @@
+"""Cross-field rules of a training configuration: the checks that involve several flags or the file
+system, all reported at once so that a user fixes a config in one go."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lycoft.training.dataset_config import datasets_from_config
+from lycoft.training.errors import ConfigError
+from lycoft.training.flags import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+class _Problems(list):
+    """The problems found so far, with the two checks most rules share."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def positive(self, name: str, allow_none: bool = True) -> None:
+        v = getattr(self.cfg, name)
+        if (v is None and not allow_none) or (v is not None and v < 1):
+            self.append(f"--{name} must be a positive integer, got {v}")
+
+    def in_range(self, name: str, lo: float, hi: float, hi_open: bool = False) -> None:
+        v = getattr(self.cfg, name)
+        if v is not None and (not lo <= v <= hi or (hi_open and v == hi)):
+            bound = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+            self.append(f"--{name} must be in {bound}, got {v}")
+
+
+def _model(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of model."""
+    if not cfg.pretrained_model_name_or_path:
+        p.append("--pretrained_model_name_or_path is required (a .safetensors file, a diffusers folder, "
+                 "a hub id, or builtin:tiny-sd1)")
+
+
+def _model_family(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of model family."""
+    if cfg.v2 and cfg.sdxl:
+        p.append("--v2 and --sdxl contradict each other; give one (or --model_family)")
+    elif cfg.model_family:
+        for name, family, on in (("--v2", "sd2", cfg.v2), ("--sdxl", "sdxl", cfg.sdxl)):
+            if on and family != cfg.model_family:
+                p.append(f"{name} contradicts --model_family {cfg.model_family}; drop one")
+    if cfg.clip_skip is not None and cfg.clip_skip < 1:
+        p.append(f"--clip_skip must be >= 1 (1 = the last layer), got {cfg.clip_skip}")
+
+
+def _data_source(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of data source."""
+    if cfg.dataset_config and (cfg.train_data_dir or cfg.reg_data_dir):
+        p.append("--dataset_config and --train_data_dir/--reg_data_dir both given; put the folders in "
+                 "the dataset TOML as subsets (is_reg = true for regularization) or drop --dataset_config")
+    if not cfg.dataset_config and not cfg.train_data_dir:
+        p.append("no training data: give --train_data_dir (folders named '<repeats>_<tokens>') or "
+                 "--dataset_config (a kohya dataset TOML)")
+    for name in ("train_data_dir", "reg_data_dir"):
+        d = getattr(cfg, name)
+        generating = name == "reg_data_dir" and cfg.num_class_images > 0
+        if d and not generating and not Path(d).is_dir():
+            p.append(f"--{name} {d!r} is not a folder (resolved from {Path.cwd()})")
+
+
+def _buckets_and_sizes(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of buckets and sizes."""
+    if cfg.resolution is not None and any(s % 8 for s in cfg.resolution):
+        p.append(f"--resolution {cfg.resolution[0]},{cfg.resolution[1]}: both sides must be multiples of 8 "
+                 "(the VAE downsamples by 8)")
+    if cfg.bucket_reso_steps < 8 or cfg.bucket_reso_steps % 8:
+        p.append(f"--bucket_reso_steps must be a positive multiple of 8, got {cfg.bucket_reso_steps}; "
+                 "64 is usual")
+    elif cfg.enable_bucket:
+        for name in ("min_bucket_reso", "max_bucket_reso"):
+            v = getattr(cfg, name)
+            if v < cfg.bucket_reso_steps or v % cfg.bucket_reso_steps:
+                ok = max(cfg.bucket_reso_steps, v // cfg.bucket_reso_steps * cfg.bucket_reso_steps)
+                p.append(f"--{name} {v} is not a multiple of --bucket_reso_steps {cfg.bucket_reso_steps}; "
+                         f"use {ok}")
+        if cfg.min_bucket_reso > cfg.max_bucket_reso:
+            p.append(f"--min_bucket_reso {cfg.min_bucket_reso} is larger than --max_bucket_reso "
+                     f"{cfg.max_bucket_reso}")
+        res = cfg.resolved_resolution()
+        if not cfg.bucket_no_upscale and cfg.min_bucket_reso > min(res):
+            p.append(f"--min_bucket_reso {cfg.min_bucket_reso} is larger than the resolution "
+                     f"{res[0]},{res[1]}: no bucket fits; set --min_bucket_reso <= {min(res)}")
+
+
+def _captions(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of captions."""
+    if cfg.keep_tokens < 0:
+        p.append(f"--keep_tokens must be >= 0, got {cfg.keep_tokens}")
+    p.in_range("caption_dropout_rate", 0.0, 1.0)
+    p.in_range("caption_tag_dropout_rate", 0.0, 1.0)
+    if cfg.caption_dropout_every_n_epochs < 0:
+        p.append(f"--caption_dropout_every_n_epochs must be >= 0 (0 = off), got {cfg.caption_dropout_every_n_epochs}")
+    if not cfg.caption_separator.strip():
+        p.append(f"--caption_separator must be a visible character such as ',', got {cfg.caption_separator!r}")
+
+
+def _caching(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of caching."""
+    if (cfg.cache_latents or cfg.cache_latents_to_disk) and cfg.random_crop:
+        p.append("--random_crop cannot be used with --cache_latents: a cached latent has one fixed crop; "
+                 "drop one of them")
+    if cfg.cache_text_encoder_outputs:
+        if not cfg.network_train_unet_only:
+            p.append("--cache_text_encoder_outputs needs a frozen text encoder: add "
+                     "--network_train_unet_only")
+        varying = [n for n in ("shuffle_caption", "enable_wildcard") if getattr(cfg, n)]
+        varying += [n for n in ("caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs")
+                    if getattr(cfg, n) > 0]
+        if varying:
+            names = ", ".join("--" + v for v in varying)
+            p.append(f"--cache_text_encoder_outputs needs fixed captions, but {names} change them every "
+                     "step; drop those or the caching")
+    p.positive("vae_batch_size")
+
+
+def _steps_and_batches(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of steps and batches."""
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps"):
+        p.positive(name, allow_none=False)
+    p.positive("max_train_epochs")
+    if cfg.max_data_loader_n_workers < 0:
+        p.append(f"--max_data_loader_n_workers must be >= 0, got {cfg.max_data_loader_n_workers}")
+
+
+def _precision(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of precision."""
+    if cfg.full_fp16 and cfg.full_bf16:
+        p.append("--full_fp16 and --full_bf16 both given; pick one")
+    if cfg.full_fp16 and cfg.mixed_precision != "fp16":
+        p.append(f"--full_fp16 needs --mixed_precision fp16 (got {cfg.mixed_precision!r})")
+    if cfg.full_bf16 and cfg.mixed_precision != "bf16":
+        p.append(f"--full_bf16 needs --mixed_precision bf16 (got {cfg.mixed_precision!r})")
+    if cfg.xformers and cfg.sdpa:
+        p.append("--xformers and --sdpa both given; pick one attention implementation")
+
+
+def _optimizer_and_schedule(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of optimizer and schedule."""
+    if not cfg.learning_rate > 0:
+        p.append(f"--learning_rate must be > 0, got {cfg.learning_rate}")
+    if cfg.unet_lr is not None and cfg.unet_lr < 0:
+        p.append(f"--unet_lr must be >= 0, got {cfg.unet_lr}")
+    if any(v < 0 for v in cfg.text_encoder_lr or ()):
+        p.append(f"--text_encoder_lr must be >= 0, got {' '.join(map(str, cfg.text_encoder_lr or ()))}")
+    if cfg.max_grad_norm < 0:
+        p.append(f"--max_grad_norm must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}")
+    try:
+        cfg.optimizer_kwargs()
+    except ConfigError as e:
+        p.append(str(e))
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+        p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant; "
+                 "use constant_with_warmup (or another schedule)")
+    p.positive("lr_scheduler_num_cycles", allow_none=False)
+    if not cfg.lr_scheduler_power > 0:
+        p.append(f"--lr_scheduler_power must be > 0, got {cfg.lr_scheduler_power}")
+
+
+def _loss(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of loss."""
+    if cfg.noise_offset < 0:
+        p.append(f"--noise_offset must be >= 0, got {cfg.noise_offset}")
+    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
+        p.append(f"--min_snr_gamma must be > 0 (leave it unset to turn it off), got {cfg.min_snr_gamma}")
+    if cfg.prior_loss_weight < 0:
+        p.append(f"--prior_loss_weight must be >= 0, got {cfg.prior_loss_weight}")
+
+
+def _network(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of network."""
+    if cfg.network_train_unet_only and cfg.network_train_text_encoder_only:
+        p.append("--network_train_unet_only and --network_train_text_encoder_only both given: nothing "
+                 "would train; drop one")
+    p.positive("network_dim")
+    if cfg.network_alpha is not None:
+        logger.warning("--network_alpha %s is ignored: OFT/BOFT have no alpha; set a constraint with "
+                       "--network_args constraint=...", cfg.network_alpha)
+    p.in_range("network_dropout", 0.0, 1.0, hi_open=True)
+    try:
+        for note in cfg.network_options().notes:
+            logger.warning("%s", note)
+    except ConfigError as e:
+        p.append(str(e))
+    if cfg.network_weights and not Path(cfg.network_weights).is_file():
+        p.append(f"--network_weights {cfg.network_weights!r} is not a file")
+
+
+def _prior_preservation(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of prior preservation."""
+    if cfg.num_class_images < 0:
+        p.append(f"--num_class_images must be >= 0, got {cfg.num_class_images}")
+    if cfg.num_class_images > 0 and not (cfg.class_prompt and cfg.reg_data_dir):
+        p.append("--num_class_images needs --class_prompt (what to generate) and --reg_data_dir (where)")
+    if cfg.prior_loss_weight != 1.0 and not cfg.reg_data_dir and not cfg.dataset_config:
+        p.append(f"--prior_loss_weight {cfg.prior_loss_weight} has no effect without regularization images "
+                 "(--reg_data_dir)")
+
+
+def _saving_and_sampling(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of saving and sampling."""
+    for name in ("save_every_n_steps", "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs",
+                 "sample_every_n_steps", "sample_every_n_epochs"):
+        p.positive(name)
+    if cfg.save_last_n_steps and not cfg.save_every_n_steps:
+        p.append("--save_last_n_steps needs --save_every_n_steps (there are no step saves to prune)")
+    if cfg.save_last_n_epochs and not cfg.save_every_n_epochs:
+        p.append("--save_last_n_epochs needs --save_every_n_epochs (there are no epoch saves to prune)")
+    if not cfg.output_name or any(c in cfg.output_name for c in "/\\"):
+        p.append(f"--output_name {cfg.output_name!r} must be a plain file name; put folders in --output_dir")
+    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_dir():
+        p.append(f"--resume {cfg.resume!r} is not a folder; give a state folder written by --save_state, or "
+                 "'auto' for the newest one in --output_dir")
+    wants_samples = cfg.sample_every_n_steps or cfg.sample_every_n_epochs or cfg.sample_at_first
+    if wants_samples and not cfg.sample_prompts:
+        p.append("sampling is requested (--sample_every_n_* or --sample_at_first) but --sample_prompts "
+                 "is not set")
+    if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
+        p.append(f"--sample_prompts {cfg.sample_prompts!r} is not a file")
+    if cfg.log_with and not cfg.logging_dir and cfg.log_with != "wandb":
+        p.append(f"--log_with {cfg.log_with} needs --logging_dir (where tensorboard writes)")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check the rules that involve several flags or the file system; raise one `ConfigError`
+    listing every problem, so a user fixes a config in one go."""
+    p = _Problems(cfg)
+    _model(cfg, p)
+    _model_family(cfg, p)
+    _data_source(cfg, p)
+    _buckets_and_sizes(cfg, p)
+    _captions(cfg, p)
+    _caching(cfg, p)
+    _steps_and_batches(cfg, p)
+    _precision(cfg, p)
+    _optimizer_and_schedule(cfg, p)
+    _loss(cfg, p)
+    _network(cfg, p)
+    _prior_preservation(cfg, p)
+    _saving_and_sampling(cfg, p)
+    # The dataset TOML is checked now too, so its typos surface before any model loads.
+    if cfg.dataset_config and not p:
+        try:
+            datasets_from_config(cfg)
+        except ConfigError as e:
+            p.append(str(e))
+
+    if p:
+        head = "1 problem" if len(p) == 1 else f"{len(p)} problems"
+        raise ConfigError(f"{head} in the training configuration:\n" + "\n".join(f"  - {m}" for m in p))
