@@ -17,7 +17,25 @@ from typing import Any
 SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 
 # kohya spellings of lycoft flags (kohya keeps an old misspelling for backward compatibility).
-ALIASES: dict[str, str] = {"caption_extention": "caption_extension"}
+ALIASES: dict[str, str] = {"caption_extention": "caption_extension", "config_file": "config"}
+
+# Keys the kohya_ss GUI writes into the TOML it hands to sd-scripts although train_network.py and
+# sdxl_train_network.py define no such flag (most belong to its FLUX/SD3 trainers); sd-scripts ignores them.
+# Source: bmaltais/kohya_ss kohya_gui/lora_gui.py (`config_toml_data`) at 45088f04.
+GUI_KEYS: frozenset[str] = frozenset((
+    "ae", "apply_t5_attn_mask", "attn_mode", "blocks_to_swap", "byt5", "clip_g", "clip_g_dropout_rate", "clip_l",
+    "clip_l_dropout_rate", "compile", "compile_backend", "compile_cache_size_limit", "compile_dynamic",
+    "compile_fullgraph", "compile_mode", "discrete_flow_shift", "double_blocks_to_swap", "enable_scaled_pos_embed",
+    "epoch", "fp8_scaled", "fp8_vl", "gemma2", "gemma2_max_token_length", "guidance_scale", "llm_adapter_path",
+    "logit_mean", "logit_std", "mem_eff_save", "mode_scale", "model_prediction_type", "model_type",
+    "noise_offset_type", "pos_emb_random_crop_rate", "qwen3", "qwen3_max_token_length", "qwen_image_vae_2d",
+    "save_clip", "save_t5xxl", "show_timesteps", "show_timesteps_resolution", "sigmoid_scale",
+    "single_blocks_to_swap", "split_attn", "split_mode", "stop_text_encoder_training", "system_prompt",
+    "t5_dropout_rate", "t5_max_token_length", "t5_tokenizer_path", "t5xxl", "t5xxl_device", "t5xxl_dtype",
+    "t5xxl_max_token_length", "text_encoder", "text_encoder_batch_size", "text_encoder_cpu", "timestep_sampling",
+    "train_inpainting", "unsloth_offload_checkpointing", "use_flash_attn", "use_sage_attn", "vae_chunk_size",
+    "vae_disable_cache", "weighting_scheme",
+))
 
 
 @dataclass(frozen=True)
