@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from .config import AdapterConfig, BlockLayout
-from .ops import cayley, cayley_of_raw, constrain, interpolate, rotate, rotate_weight, skew
+from .ops import cayley, cayley_of_raw, constrain, interpolate, rotate, skew
 from .ops.apply import butterfly_fuses, operator_blocks, operator_width
 from .ops.blockdiag import blockdiag_apply, blockdiag_apply_bias
 from .ops.weight_path import ConvSpec, rotated_weight_op
@@ -166,14 +167,13 @@ class OFTLayer(nn.Module):
                 self.oft_blocks.requires_grad, self.oft_blocks.dtype, self.oft_blocks.device)
 
     def merged_weight(self, multiplier: float | None = None, R: Tensor | None = None) -> Tensor:
-        """`W' = rescale * M W` (output side) or `rescale * W M^T` (input side), in the base weight dtype."""
-        W = self.base.weight
+        """`W' = rescale * M W` (output side) or `rescale * W M^T` (input side), in the base weight dtype.
+
+        `ops.merged_weight` with this layer's rotation (`R`: one already built at the layer's strength).
+        """
         if R is None:
             R = self.rotation(multiplier)
-        Wr = rotate_weight(R, W, self.side)
-        if self.rescale is not None:
-            Wr = Wr * self.rescale.to(Wr.dtype)
-        return Wr.to(W.dtype)
+        return ops.merged_weight(self.base.weight, self.oft_blocks, side=self.side, rescale=self.rescale, rotation=R)
 
     def delta_weight(self, multiplier: float | None = None) -> Tensor:
         """`W' - W` in float32 (for full-difference exports)."""

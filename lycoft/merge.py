@@ -8,15 +8,16 @@ other tensor (VAE, EMA, extra keys) is copied byte for byte. Peak memory is a fe
 patched tensor. The output is written next to its final path and renamed into place only when complete
 (and verified, with ``verify``); the input is only read.
 
-Semantics are lycoft's (`OFTLayer.merged_weight`, the LyCORIS formula): multiplier m -> oft
-``(m (R - I) + I)^T W``, boft per-stage ``m R_i + (1 - m) I``, rescale after the rotation, constraint
-bound ``alpha * out``.
+Semantics are lycoft's (`lycoft.ops.merged_weight`, the LyCORIS formula, computed from the file's tensors):
+multiplier m -> oft ``(m (R - I) + I)^T W``, boft per-stage ``m R_i + (1 - m) I``, rescale after the
+rotation, constraint bound ``alpha * out``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from ._version import __version__
 from .base_model import BaseModel, WeightSlot, family_of_adapter, open_base
@@ -35,7 +36,7 @@ from .io.atomic import atomic_directory, atomic_write, refuse_overwrite, same_fi
 from .io.errors import AdapterFileError
 from .io.safe_io import read_safetensors_header
 from .io.streaming import DTYPE_CHOICES, SafetensorsInput, dtype_name, rewrite_safetensors
-from .network_files import layer_from_spec
+from .ops import adapter_rotation, merged_weight, rotate
 
 log = logging.getLogger("lycoft")
 
@@ -100,45 +101,49 @@ class MergeReport:
 
 
 # ------------------------------------------------------------------------------------------ one weight
-def stand_in(weight: torch.Tensor) -> nn.Module:
-    """A Linear / ConvNd (no bias) whose weight is `weight` (no copy): what `OFTLayer` wraps."""
-    out, fan_in = weight.shape[0], weight.shape[1]
-    if weight.dim() == 2:
-        module: nn.Module = nn.Linear(fan_in, out, bias=False, device="meta")
-    elif weight.dim() in (3, 4, 5):
-        cls = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[weight.dim()]
-        kernel = tuple(weight.shape[2:])
-        module = cls(fan_in, out, kernel, padding=tuple(k // 2 for k in kernel), bias=False, device="meta")
-    else:
-        raise ValueError(f"a weight of shape {tuple(weight.shape)} is not a Linear or Conv weight")
-    module.weight = nn.Parameter(weight, requires_grad=False)
-    return module
+@torch.no_grad()
+def apply_spec(weight: torch.Tensor, spec: ModuleSpec, multiplier: float = 1.0) -> torch.Tensor:
+    """`weight` with the adapter of `spec` merged in at strength `multiplier`, in float32."""
+    return merged_weight(weight.float(), spec.blocks, side=spec.side, constraint=spec.constraint,
+                         multiplier=multiplier, rescale=spec.rescale)
 
 
 @torch.no_grad()
-def apply_spec(weight: torch.Tensor, spec: ModuleSpec, multiplier: float = 1.0) -> torch.Tensor:
-    """`weight` with the adapter merged in, computed in float32 by `OFTLayer.merged_weight`."""
-    layer = layer_from_spec(spec, stand_in(weight.float()), multiplier)
-    return layer.merged_weight().detach()
-
-
 def _on_the_fly(weight: torch.Tensor, ops: Sequence[_Op], x: torch.Tensor) -> torch.Tensor:
-    """Output of the layer with the adapters applied on the fly: the last adapter's `OFTLayer` forward
-    (activation path where the layer allows it) over the weight the earlier adapters produce."""
+    """Output of the layer with the adapters applied on the fly, over the weight the earlier adapters produce:
+    the last adapter rotates the layer's output channels (output side) or its input features (input side,
+    Linear and 1x1 convs) instead of the weight, as `OFTLayer`'s activation path does; multiplier 0 is
+    the plain layer, as in `OFTLayer.forward`."""
     w = weight.float()
     for op in ops[:-1]:
         w = apply_spec(w, op.spec, op.multiplier)
-    layer = layer_from_spec(ops[-1].spec, stand_in(w), ops[-1].multiplier)
-    if layer.activation_path_possible:
-        layer.path = "activation"
-    with torch.no_grad():
-        return layer(x)
+    spec, multiplier = ops[-1].spec, ops[-1].multiplier
+    if multiplier == 0.0:
+        return _layer_output(w, x)
+    R = adapter_rotation(spec.blocks, constraint=spec.constraint, multiplier=multiplier)
+    channel = -1 if w.dim() == 2 else 1
+    if spec.side == "output":
+        y = rotate(R, _layer_output(w, x), dim=channel)
+    elif math.prod(w.shape[2:]) == 1:
+        y = _layer_output(w, rotate(R, x, dim=channel, transpose=True))
+    else:  # an input rotation of a wider kernel does not line up with the layer input: weight path
+        return _layer_output(merged_weight(w, spec.blocks, side=spec.side, rescale=spec.rescale, rotation=R), x)
+    if spec.rescale is not None:
+        shape = [1] * y.dim()
+        shape[channel] = -1
+        y = y * spec.rescale.reshape(shape)
+    return y
 
 
 def _layer_output(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    m = stand_in(weight.float())
-    with torch.no_grad():
-        return m(x)
+    """The Linear / ConvNd of `weight` (no bias; convs padded by half the kernel) on the probe `x`."""
+    w = weight.float()
+    if w.dim() == 2:
+        return F.linear(x, w)
+    if w.dim() not in (3, 4, 5):
+        raise ValueError(f"a weight of shape {tuple(w.shape)} is not a Linear or Conv weight")
+    conv = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
+    return conv(x, w, None, 1, tuple(k // 2 for k in w.shape[2:]))
 
 
 def _probe_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -413,4 +418,4 @@ def merge_adapters(
     return report
 
 
-__all__ = ["AdapterArg", "MergeReport", "apply_spec", "merge_adapters", "stand_in"]
+__all__ = ["AdapterArg", "MergeReport", "apply_spec", "merge_adapters"]

@@ -149,11 +149,3 @@ def load_into_network(net: nn.Module, path: str, strict: bool = True) -> list[st
     if missing and strict:
         raise AdapterFileError(f"{path}: keys {missing[:10]} are not in the network")
     return missing
-
-
-def layer_from_spec(spec: ModuleSpec, module: nn.Module, multiplier: float = 1.0) -> OFTLayer:
-    """An `OFTLayer` on `module` holding the file's values: the exact lycoft semantics for one module."""
-    layer = OFTLayer(module, spec.config(), name=spec.key, register_base=False, layout=spec.layout())
-    copy_into(layer, spec)
-    layer.multiplier = float(multiplier)
-    return layer

@@ -1,61 +1,18 @@
-"""Show what an OFT/BOFT adapter file holds and which programs read it correctly.
-
-python tools/inspect.py a.safetensors
-python tools/inspect.py a.safetensors --base model.safetensors --plot a.png
-python tools/inspect.py a.safetensors --json > a.json
-
-Prints the format and algorithm, block sizes, per-layer rotation size (||Q||, largest rotation angle) and
-orthogonality error, the metadata, the verdict of lycoft, LyCORIS, ComfyUI, A1111, kohya and PEFT on it
-and, with --base, the keys that match no layer of that model and how much each layer's weight changes.
-"""
-
-from __future__ import annotations
+"""`python tools/inspect.py ...` is `lycoft-inspect ...` (`lycoft.cli.inspect`) run from a lycoft checkout."""
 
 import sys
 
 if __name__ == "inspect":
-    # Running any script in tools/ puts tools/ first on sys.path, so the standard library's `import inspect`
-    # (torch, dataclasses ...) finds this file. Hand the real module over in its place.
-    import importlib.util
+    # Running any tools/ script puts tools/ first on sys.path, so the standard library's `import inspect` (torch
+    # makes one) loads this file: take tools/ off the path and import the real module in this one's place.
+    import importlib
     import os
-    import sysconfig
 
-    _spec = importlib.util.spec_from_file_location("inspect", os.path.join(sysconfig.get_path("stdlib"), "inspect.py"))
-    _std = importlib.util.module_from_spec(_spec)
-    sys.modules["inspect"] = _std
-    _spec.loader.exec_module(_std)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p) != os.path.dirname(os.path.abspath(__file__))]
+    del sys.modules["inspect"]
+    importlib.import_module("inspect")
 else:
-    import argparse
-    import logging
-
-    def main(argv: list[str] | None = None) -> int:
-        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("adapter", help="adapter file (LyCORIS, kohya, PEFT, full differences) or PeftModel folder")
-        parser.add_argument("--base", help="base model (single file or diffusers folder) to check the keys against")
-        parser.add_argument("--plot", metavar="PNG", help="write a per-layer chart")
-        parser.add_argument("--json", action="store_true", help="print everything as JSON instead of text")
-        parser.add_argument("--all", action="store_true", help="list every layer, in model order")
-        parser.add_argument("--top", type=int, default=20, help="layers listed otherwise (largest rotation first)")
-        parser.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="model family (default: detected)")
-        parser.add_argument("--component", choices=["unet", "te1", "te2"], help="model of bare PEFT keys")
-        parser.add_argument("--peft-config", help="adapter_config.json of a PEFT file that does not carry it")
-        args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-
-        from lycoft.inspect import inspect_adapter, plot_inspection
-
-        try:
-            result = inspect_adapter(args.adapter, base=args.base, family=args.family, component=args.component,
-                                     peft_config=args.peft_config)
-            if args.plot:
-                plot_inspection(result, args.plot)
-        except (ValueError, OSError, RuntimeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(result.to_json() if args.json else result.text(top=args.top, show_all=args.all))
-        if args.plot and not args.json:
-            print(f"plot: {args.plot}")
-        return 0
+    from lycoft.cli.inspect import main
 
     if __name__ == "__main__":
         sys.exit(main())

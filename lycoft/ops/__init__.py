@@ -15,8 +15,10 @@ from .cayley import (
     orthogonality_error,
     skew,
 )
+from .merge import adapter_rotation, merged_weight
 
 __all__ = [
+    "adapter_rotation",
     "blockdiag_apply",
     "butterfly_apply",
     "butterfly_stage",
@@ -28,6 +30,7 @@ __all__ = [
     "eye_like",
     "interpolate",
     "inverse_cayley",
+    "merged_weight",
     "orthogonality_error",
     "rotate",
     "rotate_weight",

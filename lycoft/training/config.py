@@ -8,6 +8,7 @@ torch or touches a model: parsing and validation are fast and happen before anyt
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,7 +16,10 @@ from typing import Any
 from lycoft.training.config_files import load_config_toml
 from lycoft.training.errors import ConfigError, did_you_mean
 from lycoft.training.flags import TrainConfig, check_value, flag_table, value_from_text
+from lycoft.training.kohya_flags import ALIASES, UNSUPPORTED, refusal
 from lycoft.training.validate import validate
+
+logger = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.kind == "resolution" and f.default is not None:
             default = ",".join(map(str, f.default))
         help_text = f"{f.help} (default: {default})".replace("%", "%%")
-        names = [f"--{f.name}"] + (["--config_file"] if f.name == "config" else [])
+        names = [f"--{f.name}"] + [f"--{kohya}" for kohya, ours in ALIASES.items() if ours == f.name]
         kwargs: dict[str, Any] = {"help": help_text, "dest": f.name}
         if f.kind == "bool":
             kwargs.update(nargs="?", const="true", metavar="true|false")
@@ -66,11 +70,29 @@ def _unknown_flags_error(extra: list[str]) -> ConfigError:
     for token in extra:
         if token.startswith("-"):
             name = token.split("=", 1)[0]
-            lines.append(f"unknown flag {name!r}{did_you_mean(name, known)}")
+            if name.lstrip("-") in UNSUPPORTED:
+                lines.append(refusal(name.lstrip("-"), name))
+            else:
+                lines.append(f"unknown flag {name!r}{did_you_mean(name, known)}")
             after_unknown_flag = True
         elif not after_unknown_flag:  # words right after an unknown flag are its values, not news
             lines.append(f"unexpected argument {token!r}: flags take the form --name value")
     return ConfigError("\n".join(lines) + "\nrun with --help to see every flag")
+
+
+# Flags of which kohya uses one when both are given; the command line beats the TOML for the pair as a whole.
+_RIVALS = (("max_train_steps", "max_train_epochs"),)
+
+
+def _command_line_wins(from_toml: dict[str, Any], from_cli: Mapping[str, Any]) -> None:
+    """Drop from the TOML the rival of a flag the command line gives (`--max_train_steps` on the command
+    line beats a ``max_train_epochs`` in the TOML, which would otherwise override it)."""
+    for pair in _RIVALS:
+        for cli_name in pair:
+            for rival in pair:
+                if rival != cli_name and cli_name in from_cli and rival in from_toml and rival not in from_cli:
+                    logger.info("--%s on the command line beats %s = %s in the config file", cli_name, rival,
+                                from_toml.pop(rival))
 
 
 def parse_args(argv: Sequence[str] | None = None, *, check: bool = True) -> TrainConfig:
@@ -92,7 +114,9 @@ def parse_args(argv: Sequence[str] | None = None, *, check: bool = True) -> Trai
     values = {name: f.default for name, f in table.items()}
     config_path = from_cli.get("config")
     if config_path:
-        values.update(load_config_toml(config_path))
+        from_toml = load_config_toml(config_path)
+        _command_line_wins(from_toml, from_cli)
+        values.update(from_toml)
     values.update(from_cli)
     cfg = TrainConfig(**values)
     if check:

@@ -3,11 +3,15 @@ and writing a resolved `TrainConfig` back so that ``--config`` reproduces it."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from lycoft.training.errors import ConfigError, did_you_mean
 from lycoft.training.flags import TrainConfig, check_value, flag_table
+from lycoft.training.kohya_flags import ALIASES, GUI_KEYS, UNSUPPORTED, at_default, refusal
+
+logger = logging.getLogger(__name__)
 
 try:  # Python 3.11+; the `toml` package (a dependency anyway, it also writes) covers 3.10.
     import tomllib as _toml_reader
@@ -32,26 +36,44 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
 
 
 def load_config_toml(path: str | Path) -> dict[str, Any]:
-    """A training TOML (flat, or kohya-style sections that are flattened) -> checked flag values."""
+    """A training TOML (flat, or kohya-style sections that are flattened) -> checked flag values.
+
+    A kohya config loads as sd-scripts reads it: kohya's spellings (`kohya_flags.ALIASES`) are taken, a
+    kohya flag lycoft does not take is accepted at its default (it does nothing there either) and refused
+    with the reason otherwise, and a key that no trainer knows is ignored as sd-scripts ignores it, with
+    one warning listing them; a near miss of a real flag is still a "did you mean" error.
+    """
     path = Path(path)
+    if not path.suffix and not path.exists() and path.with_suffix(".toml").exists():
+        path = path.with_suffix(".toml")  # sd-scripts adds the extension to --config_file too
     doc = read_toml(path)
     table = flag_table()
     # Keys whose value may itself be a table, so that `network_args = {...}` is a value, not a section.
     table_valued = {n for n, f in table.items() if f.kind == "list"}
     found: dict[str, tuple[Any, str]] = {}
     problems: list[str] = []
+    at_defaults: list[str] = []
+    ignored: list[str] = []
 
     def take(key: str, value: Any, section: str) -> None:
-        if key == "config":
-            problems.append(f"key 'config' in {section} of {path}: a config file cannot name another one")
-        elif key not in table:
+        name = ALIASES.get(key, key)
+        if name == "config":
+            problems.append(f"key {key!r} in {section} of {path}: a config file cannot name another one")
+        elif name in table:
+            if name in found:
+                problems.append(f"key {name!r} is set twice in {path}: in {found[name][1]} and in {section}; "
+                                "keep one")
+            else:
+                found[name] = (value, section)
+        elif key in UNSUPPORTED:
+            if at_default(key, value):
+                at_defaults.append(key)
+            else:
+                problems.append(refusal(key, f"key {key!r} = {value!r} in {section} of {path}"))
+        elif did_you_mean(key, table) and key not in GUI_KEYS:
             problems.append(f"unknown key {key!r} in {section} of {path}{did_you_mean(key, table)}")
-        elif key in found:
-            problems.append(
-                f"key {key!r} is set twice in {path}: in {found[key][1]} and in {section}; keep one"
-            )
         else:
-            found[key] = (value, section)
+            ignored.append(key)
 
     for key, value in doc.items():
         if isinstance(value, dict) and key not in table_valued:
@@ -61,6 +83,11 @@ def load_config_toml(path: str | Path) -> dict[str, Any]:
             take(key, value, "the top level")
     if problems:
         raise ConfigError("\n".join(problems))
+    if at_defaults:
+        logger.info("%s: kohya keys at their defaults, which change nothing here: %s", path, ", ".join(at_defaults))
+    if ignored:
+        logger.warning("%s: keys neither lycoft nor sd-scripts trains with, ignored (as sd-scripts ignores "
+                       "them): %s", path, ", ".join(ignored))
     return {
         key: check_value(table[key], value, f"key {key!r} in {section} of {path}")
         for key, (value, section) in found.items()

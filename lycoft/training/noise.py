@@ -1,6 +1,6 @@
 """The forward diffusion of one training step: noise, timesteps and the noised latents.
 
-Every random draw comes from a `torch.Generator` the caller seeds per step (see `loop.step_generator`),
+Every random draw comes from a `torch.Generator` the caller seeds per step (see `step.step_seed`),
 so a resumed run draws exactly what the uninterrupted run drew. Draws happen on the CPU and are then
 moved, which keeps them identical on every device.
 """

@@ -1,0 +1,376 @@
+"""The training loop: epochs of optimizer steps, with the saves and samples that fall between them.
+
+`train_epochs(run)` goes from `run.state` to the last step. Each epoch hands this rank its share of the
+batches (`EpochBatches`); each optimizer step takes `gradient_accumulation_steps` of them:
+
+1. `accumulate`, per micro-batch: seed its draws, `micro_batch_loss` (latents, noise, timesteps, the
+   adapted UNet's prediction, the loss), then backward; a non-finite loss stops the run or skips the step;
+2. `optimizer_step`: check the gradients, clip, step the optimizer and the LR schedule, count the step;
+3. `after_step`: progress and tracker logs, the epoch's end, `save` and `sample` at their intervals.
+
+The shared pieces travel in a `Run`, built by the setup steps of `loop.train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from lycoft import Network
+from lycoft.training import losses, tracking
+from lycoft.training.caching import TextEmbeddingCache
+from lycoft.training.conditioning import TextConditioner, sdxl_time_ids
+from lycoft.training.dataset import TrainingDataset
+from lycoft.training.flags import TrainConfig
+from lycoft.training.models import Models
+from lycoft.training.noise import sample_noise, sample_timesteps
+from lycoft.training.sampler import derive_seed
+from lycoft.training.sampling import SamplePrompt, render, save_images
+from lycoft.training.saving import Saver, TrainState, adapter_stem
+
+logger = logging.getLogger("lycoft.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the state before that step was saved (see the message)."""
+
+
+class EpochBatches:
+    """`DataLoader` batch sampler: this rank's batches of one epoch, from a given position.
+
+    Batch ``i`` of the epoch goes to rank ``i % world``; the epoch is padded with its first batches
+    so every rank gets the same count (what accelerate does), which keeps collective calls in step.
+    """
+
+    def __init__(self, sampler: Any, rank: int, world: int) -> None:
+        self.sampler, self.rank, self.world = sampler, rank, world
+        self.epoch, self.skip = 0, 0
+
+    @property
+    def per_rank(self) -> int:
+        return math.ceil(len(self.sampler) / self.world)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _mine(self) -> list:
+        self.sampler.set_epoch(self.epoch)
+        batches = list(self.sampler)
+        need = self.per_rank * self.world
+        while len(batches) < need:
+            batches += batches[: need - len(batches)]
+        return batches[self.rank::self.world]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._mine()[self.skip:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+
+class AdaptedDenoiser(nn.Module):
+    """The module accelerate prepares (and DDP wraps): it owns only the adapter network's parameters;
+    the frozen UNet and text encoders are referenced, not registered, so they are neither broadcast
+    nor checkpointed. Its forward is the whole conditioned UNet call."""
+
+    def __init__(self, network: nn.Module, unet: nn.Module, conditioner: Any, *, train_text: bool,
+                 sdxl: bool) -> None:
+        super().__init__()
+        self.network = network
+        self.__dict__["_unet"] = unet
+        self.__dict__["_conditioner"] = conditioner
+        self.train_text = train_text
+        self.sdxl = sdxl
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: Sequence[str],
+                cached_text: tuple[torch.Tensor, ...] | None, time_ids: torch.Tensor | None) -> torch.Tensor:
+        unet = self.__dict__["_unet"]
+        if cached_text is not None:
+            hidden = cached_text[0]
+            pooled = cached_text[1] if len(cached_text) > 1 else None
+        else:
+            grad = contextlib.nullcontext() if self.train_text else torch.no_grad()
+            with grad:
+                text = self.__dict__["_conditioner"].encode(captions)
+            hidden, pooled = text.hidden, text.pooled
+        dtype = unet.dtype
+        added = None
+        if self.sdxl:
+            added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        return unet(noisy.to(dtype), timesteps, encoder_hidden_states=hidden.to(dtype),
+                    added_cond_kwargs=added).sample
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Optimizer steps per epoch (this rank's batches over the accumulation), in all, and the epochs
+    that takes (the last one may be partial)."""
+
+    per_epoch: int
+    total: int
+    epochs: int
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built by the setup steps of `loop.train`; the loop records its
+    per-step losses and learning rates here."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    models: Models
+    dataset: TrainingDataset
+    prompts: list[SamplePrompt]
+    network: Network
+    conditioner: TextConditioner
+    text_cache: TextEmbeddingCache | None
+    model: nn.Module  # the `AdaptedDenoiser` as accelerate prepared it
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    batches: EpochBatches
+    steps: StepPlan
+    state: TrainState
+    saver: Saver
+    losses: list[float] = field(default_factory=list)  # per optimizer step taken, mean over processes
+    learning_rates: list[tuple[float, ...]] = field(default_factory=list)  # per optimizer step, per group
+    params: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def tracking_on(self) -> bool:
+        return bool(self.accelerator.log_with)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def step_seed(seed: int, kind: int, step: int, micro: int, rank: int) -> int:
+    """The seed of one micro-batch's draws: kind 1 seeds its generator (VAE posterior, noise, timesteps),
+    kind 2 the global torch RNG (adapter dropout)."""
+    return derive_seed(seed, kind, step, micro, rank) % 2**63
+
+
+# ------------------------------------------------------------------------------------------ epochs
+def train_epochs(run: Run) -> None:
+    """Train from `run.state` to the last step (a sample first with ``--sample_at_first``)."""
+    cfg = run.cfg
+    loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=run.batches,
+                                         num_workers=cfg.data_loader_workers(),
+                                         persistent_workers=cfg.data_loader_workers() > 0)
+    if cfg.sample_at_first and run.prompts and run.state.global_step == 0:
+        sample(run, f"{0:06d}")
+    progress = tqdm(total=run.steps.total, initial=run.state.global_step, disable=not run.main, desc="steps",
+                    dynamic_ncols=True, smoothing=0.1)
+    while run.state.global_step < run.steps.total:
+        train_epoch(run, loader, progress)
+    progress.close()
+
+
+def train_epoch(run: Run, loader: torch.utils.data.DataLoader, progress: tqdm) -> None:
+    """The rest of the epoch `run.state` is in (all of it unless resumed mid-epoch), or up to the last step."""
+    state, accum = run.state, run.cfg.gradient_accumulation_steps
+    per_rank = run.batches.per_rank
+    skip = state.step_in_epoch * accum
+    run.batches.set_epoch(state.epoch, skip)
+    epoch_loss: list[float] = []
+    step_loss, skipped = 0.0, False
+    for offset, batch in enumerate(loader, start=skip):
+        first = offset - offset % accum  # the step's first micro-batch
+        in_step = min(accum, per_rank - first)  # the epoch's last step may have fewer
+        micro = offset - first
+        if not skipped:
+            part = accumulate(run, batch, micro, in_step)
+            if part is None:
+                skipped = True
+            else:
+                step_loss += part
+        if micro < in_step - 1:
+            continue
+        if optimizer_step(run, step_loss, skipped):
+            epoch_loss.append(step_loss)
+        step_loss, skipped = 0.0, False
+        if after_step(run, epoch_loss, progress):
+            return
+
+
+# -------------------------------------------------------------------------------------------- step
+def accumulate(run: Run, batch: dict[str, Any], micro: int, in_step: int) -> float | None:
+    """Forward and backward one micro-batch; returns its share of the step's loss (mean over processes),
+    or None when its loss was non-finite and ``--skip_nonfinite`` drops the step."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    rank = accelerator.process_index
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, 1, state.global_step, micro, rank))
+    torch.manual_seed(step_seed(cfg.seed, 2, state.global_step, micro, rank))  # adapter dropout draws from it
+    last = micro == in_step - 1
+    sync = contextlib.nullcontext() if last else accelerator.no_sync(run.model)
+    with sync:
+        loss = micro_batch_loss(run, batch, generator)
+        finite, mean_loss = _loss_over_processes(accelerator, loss)
+        if finite:
+            accelerator.backward(loss / in_step)
+            return mean_loss / in_step
+        if cfg.skip_nonfinite:
+            run.optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_skipped += 1
+            logger.warning("non-finite loss at step %d (epoch %d); step skipped (%d so far)",
+                           state.global_step + 1, state.epoch + 1, state.nonfinite_skipped)
+            return None
+        raise stop_nonfinite(run, f"the loss is {float(loss.detach())}", "use --mixed_precision bf16 or no")
+
+
+def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """The diffusion loss of one micro-batch: latents (cached, or encoded with a posterior sample), noise
+    and timesteps from ``generator``, the adapted UNet's prediction against its target."""
+    models, device = run.models, run.accelerator.device
+    noise_scheduler = models.noise_scheduler
+    if "latents" in batch:
+        latents = batch["latents"].to(device, torch.float32)
+    else:
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, models.vae_dtype)
+            dist = models.vae.encode(pixels).latent_dist
+            latents = (dist.sample(generator=generator).float() - models.latent_shift) * models.latent_scale
+    noise = sample_noise(latents, generator, run.cfg.noise_offset)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = losses.target_for(noise_scheduler, latents, noise, timesteps, models.v_prediction)
+    cached = None
+    if run.text_cache is not None:
+        cached = tuple(t.to(device) for t in run.text_cache.get(list(batch["caption"])))
+    time_ids = None
+    if models.family == "sdxl":
+        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        time_ids = time_ids.to(device)
+    pred = run.model(noisy, timesteps, list(batch["caption"]), cached, time_ids)
+    loss, _ = losses.diffusion_loss(pred, target, timesteps, batch["is_reg"], scheduler=noise_scheduler,
+                                    v_prediction=models.v_prediction, min_snr_gamma=run.cfg.min_snr_gamma,
+                                    prior_loss_weight=run.cfg.prior_loss_weight)
+    return loss
+
+
+def optimizer_step(run: Run, step_loss: float, skipped: bool) -> bool:
+    """Check the gradients, clip, step the optimizer (unless the step is skipped) and the LR schedule,
+    count the step; returns whether the parameters were updated."""
+    cfg, optimizer, state = run.cfg, run.optimizer, run.state
+    # A finite loss can still give NaN/inf gradients; one such step would poison every
+    # parameter. (With fp16 mixed precision the grad scaler already skips those steps.)
+    if not skipped and run.accelerator.scaler is None and not _grads_finite(run.params):
+        if cfg.skip_nonfinite:
+            skipped = True
+            state.nonfinite_skipped += 1
+            logger.warning("non-finite gradient at step %d (epoch %d); step skipped (%d so far)",
+                           state.global_step + 1, state.epoch + 1, state.nonfinite_skipped)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            raise stop_nonfinite(run, f"the gradient is NaN or inf (the loss {step_loss:.4g} is finite)",
+                                 "set --max_grad_norm")
+    run.learning_rates.append(tuple(g["lr"] for g in optimizer.param_groups))
+    if not skipped:
+        if cfg.max_grad_norm:
+            run.accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        optimizer.step()
+    run.lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    state.step_in_epoch += 1
+    if not skipped:
+        run.losses.append(step_loss)
+    return not skipped
+
+
+def after_step(run: Run, epoch_loss: list[float], progress: tqdm) -> bool:
+    """Progress and tracker logs, the epoch's end, saves and samples at their intervals; returns whether
+    the epoch (or the run) is over."""
+    cfg, state = run.cfg, run.state
+    progress.update(1)
+    if epoch_loss:
+        progress.set_postfix(loss=f"{sum(epoch_loss) / len(epoch_loss):.4f}", epoch=state.epoch + 1)
+    if run.main and run.tracking_on and run.losses:
+        run.accelerator.log(tracking.step_logs(run.losses[-1], sum(epoch_loss) / max(len(epoch_loss), 1),
+                                               run.optimizer, run.network), step=state.global_step)
+    epoch_done = state.step_in_epoch == run.steps.per_epoch
+    if epoch_done:
+        state.epoch += 1
+        state.step_in_epoch = 0
+    final = state.global_step >= run.steps.total
+    if cfg.save_every_n_steps and state.global_step % cfg.save_every_n_steps == 0 and not final:
+        save(run, adapter_stem(cfg.output_name, step=state.global_step), with_state=cfg.save_state)
+        run.saver.prune_steps(state.global_step)
+    if epoch_done and cfg.save_every_n_epochs and state.epoch % cfg.save_every_n_epochs == 0 and not final:
+        save(run, adapter_stem(cfg.output_name, epoch=state.epoch), with_state=cfg.save_state)
+        run.saver.prune_epochs(state.epoch)
+    if run.prompts and ((cfg.sample_every_n_steps and state.global_step % cfg.sample_every_n_steps == 0)
+                        or (epoch_done and cfg.sample_every_n_epochs
+                            and state.epoch % cfg.sample_every_n_epochs == 0)):
+        sample(run, f"{state.global_step:06d}" if not epoch_done or cfg.sample_every_n_steps
+               else f"e{state.epoch:06d}")
+    return epoch_done or final
+
+
+def _loss_over_processes(accelerator: Any, loss: torch.Tensor) -> tuple[bool, float]:
+    """(finite on every process, mean over processes) in one collective call, so every rank takes
+    the same branch when one of them sees NaN/inf."""
+    every = accelerator.gather(loss.detach().float().reshape(1))
+    finite = bool(torch.isfinite(every).all())
+    return finite, float(every.mean()) if finite else float("nan")
+
+
+def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
+    """Whether every gradient is finite (one flag per tensor, then a single sync)."""
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+# ------------------------------------------------------------------------------ saving and sampling
+def save(run: Run, stem: str, with_state: bool) -> None:
+    """The adapter as ``<stem>.safetensors`` (and the training state beside it), on every rank's call."""
+    run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
+    if with_state:
+        run.saver.save_state(stem, run.state)
+    if run.main and run.tracking_on:
+        run.accelerator.log(tracking.module_logs(run.network), step=run.state.global_step)
+
+
+def stop_nonfinite(run: Run, what: str, remedy: str) -> NonFiniteLossError:
+    """Save the state from before this step and say where it is (the error to raise)."""
+    state = run.state
+    stem = adapter_stem(run.cfg.output_name, step=state.global_step)
+    save(run, stem, with_state=True)
+    where = run.output_dir / f"{stem}-state"
+    return NonFiniteLossError(
+        f"{what} at step {state.global_step + 1} (epoch {state.epoch + 1}); training stopped. The state "
+        f"before this step is in {where} (resume with --resume {where}). Lower --learning_rate, {remedy}, "
+        "or pass --skip_nonfinite to skip such steps")
+
+
+def sample(run: Run, tag: str) -> None:
+    """Render the prompts on the main process; the others wait (a failure only warns)."""
+    if run.main:
+        run.network.eval()
+        try:
+            with run.accelerator.autocast():
+                images = render(run.models.pipe, run.prompts, sampler=run.cfg.sample_sampler, run_seed=run.cfg.seed,
+                                conditioner=run.conditioner)
+            save_images(images, run.prompts, run.output_dir / "sample", run.cfg.output_name, tag)
+        except Exception as e:  # a sampling bug must not cost the run
+            logger.warning("sampling at %s failed (%s: %s); training goes on", tag, type(e).__name__, e)
+        finally:
+            run.network.train()
+    run.accelerator.wait_for_everyone()
