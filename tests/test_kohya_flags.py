@@ -61,7 +61,8 @@ def test_refused_flag_names_itself_and_the_reason(name, base, tmp_path):
     argv = [f"--{name}"] if value is True else [f"--{name}", str(value)]
     with pytest.raises(ConfigError) as cli:
         parse_args([*base, *argv])
-    assert f"--{name} is a kohya sd-scripts flag that lycoft does not take: {UNSUPPORTED[name].reason}" in str(cli.value)
+    expected = f"--{name} is a kohya sd-scripts flag that lycoft does not take: {UNSUPPORTED[name].reason}"
+    assert expected in str(cli.value)
     toml = tmp_path / "c.toml"
     toml.write_text(f"[kohya]\n{name} = {json.dumps(value)}\n", encoding="utf-8")
     with pytest.raises(ConfigError) as from_file:

@@ -17,10 +17,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import cache
 from typing import Any, get_args, get_origin, get_type_hints
 
+from lycoft.checkpoints.families import FAMILIES, SD1, SD2, SDXL, family_info
 from lycoft.config import OPTIONS, NetworkOptions, parse_network_args
 from lycoft.training.errors import ConfigError, did_you_mean
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor")
 LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -338,9 +338,9 @@ class TrainConfig:
         if self.model_family:
             return self.model_family
         if self.sdxl:
-            return "sdxl"
+            return SDXL
         if self.v2:
-            return "sd2"
+            return SD2
         return None
 
     def text_encoder_lrs(self, count: int) -> list[float | None]:
@@ -359,7 +359,8 @@ class TrainConfig:
         """(width, height): the flag if given, else the family's native size."""
         if self.resolution is not None:
             return self.resolution
-        return (1024, 1024) if (family or self.family_override) == "sdxl" else (512, 512)
+        side = family_info(family or self.family_override or SD1).resolution
+        return (side, side)
 
     def with_resolved_seed(self) -> TrainConfig:
         """This config with a concrete seed: an unset one is drawn now, so that saving the config

@@ -45,6 +45,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
+from lycoft.checkpoints.families import family_info
 from lycoft.network import Network, inject
 from lycoft.training import models as base_model
 from lycoft.training import tracking
@@ -342,7 +343,8 @@ def prepare_training(cfg: TrainConfig, accelerator: Accelerator, models: base_mo
     groups = network.parameter_groups(
         {"unet": cfg.unet_lr, **{f"te{i + 1}": lr for i, lr in enumerate(te_lrs)}}, cfg.learning_rate)
     optimizer = build_optimizer(cfg, groups)
-    model = AdaptedDenoiser(network, models.unet, conditioner, train_text=train_text, sdxl=models.family == "sdxl")
+    model = AdaptedDenoiser(network, models.unet, conditioner, train_text=train_text,
+                            family=family_info(models.family))
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.full_fp16:
         _patch_scaler_for_fp16_params(accelerator)

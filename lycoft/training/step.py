@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lycoft import Network
+from lycoft.checkpoints.families import FamilyInfo, family_info
 from lycoft.training import losses, tracking
 from lycoft.training.caching import TextEmbeddingCache
 from lycoft.training.conditioning import TextConditioner, sdxl_time_ids
@@ -84,13 +85,13 @@ class AdaptedDenoiser(nn.Module):
     nor checkpointed. Its forward is the whole conditioned UNet call."""
 
     def __init__(self, network: nn.Module, unet: nn.Module, conditioner: Any, *, train_text: bool,
-                 sdxl: bool) -> None:
+                 family: FamilyInfo) -> None:
         super().__init__()
         self.network = network
         self.__dict__["_unet"] = unet
         self.__dict__["_conditioner"] = conditioner
         self.train_text = train_text
-        self.sdxl = sdxl
+        self.family = family
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: Sequence[str],
                 cached_text: tuple[torch.Tensor, ...] | None, time_ids: torch.Tensor | None) -> torch.Tensor:
@@ -104,11 +105,13 @@ class AdaptedDenoiser(nn.Module):
                 text = self.__dict__["_conditioner"].encode(captions)
             hidden, pooled = text.hidden, text.pooled
         dtype = unet.dtype
-        added = None
-        if self.sdxl:
-            added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        added = {}
+        if self.family.pooled_text_embeds:
+            added["text_embeds"] = pooled.to(dtype)
+        if self.family.uses_time_ids:
+            added["time_ids"] = time_ids.to(dtype)
         return unet(noisy.to(dtype), timesteps, encoder_hidden_states=hidden.to(dtype),
-                    added_cond_kwargs=added).sample
+                    added_cond_kwargs=added or None).sample
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,7 @@ def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator
     if run.text_cache is not None:
         cached = tuple(t.to(device) for t in run.text_cache.get(list(batch["caption"])))
     time_ids = None
-    if models.family == "sdxl":
+    if family_info(models.family).uses_time_ids:
         time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
         time_ids = time_ids.to(device)
     pred = run.model(noisy, timesteps, list(batch["caption"]), cached, time_ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from lycoft.checkpoints.families import SD2, SDXL
 from lycoft.training.dataset_config import datasets_from_config
 from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
@@ -43,7 +44,7 @@ def _model_family(cfg: TrainConfig, p: _Problems) -> None:
     if cfg.v2 and cfg.sdxl:
         p.append("--v2 and --sdxl contradict each other; give one (or --model_family)")
     elif cfg.model_family:
-        for name, family, on in (("--v2", "sd2", cfg.v2), ("--sdxl", "sdxl", cfg.sdxl)):
+        for name, family, on in (("--v2", SD2, cfg.v2), ("--sdxl", SDXL, cfg.sdxl)):
             if on and family != cfg.model_family:
                 p.append(f"{name} contradicts --model_family {cfg.model_family}; drop one")
     if cfg.clip_skip is not None and cfg.clip_skip < 1:
