@@ -2,6 +2,9 @@
 (tiny) models; files written through save_weights load back in lycoft and in create_network_from_weights."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +144,12 @@ def test_unknown_and_bad_network_args_are_clear_errors(tiny_pipes):
         kohya.create_network(1.0, 4, None, None, pipe.text_encoder, pipe.unet, algo="boft", butterfly_factors="two")
     with pytest.raises(ValueError, match="network_args rescale must be true or false, got 'maybe'"):
         kohya.create_network(1.0, 4, None, None, pipe.text_encoder, pipe.unet, rescale="maybe")
+
+
+def test_kohya_module_imports_without_diffusers_transformers_or_accelerate():
+    """sd-scripts pins its own diffusers/transformers/accelerate: the entry point must not need them."""
+    code = ("import sys\n"
+            "for name in ('diffusers', 'transformers', 'accelerate'):\n"
+            "    sys.modules[name] = None  # any import of them now fails\n"
+            "import lycoft.kohya\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
