@@ -12,7 +12,7 @@ import pytest
 from lycoft.training.config import parse_args
 from lycoft.training.errors import ConfigError
 from lycoft.training.flags import flag_table
-from lycoft.training.kohya_flags import ALIASES, SD_SCRIPTS_COMMIT, UNSUPPORTED
+from lycoft.training.kohya_flags import ALIASES, DIFFERS, SD_SCRIPTS_COMMIT, UNSUPPORTED
 
 DATA = json.loads((Path(__file__).parent / "data" / "sd_scripts_flags.json").read_text(encoding="utf-8"))
 KOHYA = DATA["flags"]
@@ -117,3 +117,29 @@ def test_command_line_steps_beat_config_file_epochs(base, tmp_path, caplog):
                for r in caplog.records)
     both = parse_args([*base, "--config", str(toml), "--max_train_steps", "5", "--max_train_epochs", "2"])
     assert (both.max_train_steps, both.max_train_epochs) == (5, 2)  # both on the command line: kohya's rule
+
+
+def mapping_rows() -> list[str]:
+    """The flag table of docs/coming-from-kohya.md, from the code."""
+    table = flag_table()
+    out = ["| sd-scripts flag | in lycoft's trainer |", "|---|---|"]
+    for name in sorted(KOHYA):
+        if name in DIFFERS:
+            what = f"differs: {DIFFERS[name]}"
+        elif name in table:
+            what = "works"
+        elif name in ALIASES:
+            what = f"works (lycoft spells it `--{ALIASES[name]}`)"
+        else:
+            what = f"refused: {UNSUPPORTED[name].reason}"
+        out.append(f"| `--{name}` | {what} |")
+    return out
+
+
+def test_coming_from_kohya_maps_every_flag_as_the_code_does():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "coming-from-kohya.md").read_text(encoding="utf-8")
+    lines = doc.splitlines()
+    start = lines.index("| sd-scripts flag | in lycoft's trainer |")
+    documented = lines[start:start + len(KOHYA) + 2]
+    assert documented == mapping_rows(), "\n".join(mapping_rows())  # paste this table into the doc
+    assert SD_SCRIPTS_COMMIT[:8] in doc

@@ -18,6 +18,17 @@ SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 
 # kohya spellings of lycoft flags (kohya keeps an old misspelling for backward compatibility).
 ALIASES: dict[str, str] = {"caption_extention": "caption_extension", "config_file": "config"}
+# kohya flags lycoft takes with a meaning of its own, and how it differs from sd-scripts'.
+DIFFERS: dict[str, str] = {
+    "network_module": "only `lycoft` or `lycoft.kohya` (the same OFT/BOFT network); LoRA modules are sd-scripts' own",
+    "network_dim": "the OFT block size (LyCORIS' meaning), not a LoRA rank",
+    "network_alpha": "accepted and ignored: a rotation has no alpha (bound it with network_args constraint=)",
+    "network_dropout": "kohya's neuron dropout has no meaning for a rotation: reported and ignored; block "
+                       "dropout is network_args module_dropout=",
+    "network_args": "lycoft's option keys (README, 'Network args'); the same in both trainers",
+    "save_model_as": "safetensors only",
+}
+
 
 # Keys the kohya_ss GUI writes into the TOML it hands to sd-scripts although train_network.py and
 # sdxl_train_network.py define no such flag (most belong to its FLUX/SD3 trainers); sd-scripts ignores them.
