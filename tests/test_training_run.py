@@ -313,3 +313,27 @@ def test_sdxl_takes_a_learning_rate_per_text_encoder(toy, tmp_path):
     assert metadata(result.adapter)["ss_text_encoder_lr"] == "[0.0002, 0.0003]"
     with pytest.raises(lycoft.training.errors.ConfigError, match="has 2 values .* 1 text encoder"):
         run(toy, tmp_path / "sd1", max_train_steps=1, text_encoder_lr=["2e-4", "3e-4"])
+
+
+def test_metadata_flags_reach_the_file_and_no_metadata_keeps_only_them(toy, tmp_path):
+    thumb = tmp_path / "thumb.png"
+    thumb.write_bytes(b"\x89PNG\r\n\x1a\n")  # the bytes travel as they are
+    user = dict(metadata_title="Toy OFT", metadata_author="me", metadata_license="CC-BY-4.0",
+                metadata_tags="toy,oft", metadata_trigger_phrase="sks toy", metadata_thumbnail=thumb,
+                training_comment="for the test")
+    common = dict(network_args=["block_size=8", "preset=attn-only"], max_train_steps=1, **user)
+    full = metadata(run(toy, tmp_path / "full", **common).adapter)
+    assert (full["modelspec.title"], full["modelspec.author"], full["modelspec.license"]) == (
+        "Toy OFT", "me", "CC-BY-4.0")
+    assert full["modelspec.tags"] == "toy,oft" and full["modelspec.trigger_phrase"] == "sks toy"
+    assert full["modelspec.thumbnail"] == "data:image/png;base64,iVBORw0KGgo="
+    assert full["ss_training_comment"] == "for the test" and "ss_tag_frequency" in full
+    bare = metadata(run(toy, tmp_path / "bare", no_metadata="true", **common).adapter)
+    assert not [k for k in bare if k.startswith("ss_") and k not in (
+        "ss_training_comment", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+        "ss_base_model_version", "ss_v2", "ss_output_name")]
+    assert bare["modelspec.title"] == "Toy OFT" and bare["ss_training_comment"] == "for the test"
+    from lycoft.checkpoints.tiny import build_tiny_pipeline
+
+    net = lycoft.load(str(tmp_path / "bare" / "last.safetensors"), pipe=build_tiny_pipeline("sd1"))
+    assert len(net.adapters) > 0  # a file without training metadata still loads

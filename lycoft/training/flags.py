@@ -304,6 +304,29 @@ class TrainConfig:
         "from the newest state of --output_name in --output_dir (by step), or from scratch if there is none, "
         "for restart-until-done loops.", group="saving")
 
+    # --- metadata (the adapter file's; kohya's flags, SAI model-spec keys) ---
+    no_metadata: bool = flag(
+        False, "Write only what loaders need into the adapter (its network keys and the model-spec title "
+        "and fields below): no training settings, dataset folders or tag frequencies.", group="metadata")
+    training_comment: str | None = flag(
+        None, "A comment stored in the adapter (ss_training_comment).", group="metadata")
+    metadata_title: str | None = flag(
+        None, "modelspec.title of the adapter; unset = --output_name.", group="metadata")
+    metadata_author: str | None = flag(None, "modelspec.author of the adapter.", group="metadata")
+    metadata_description: str | None = flag(None, "modelspec.description of the adapter.", group="metadata")
+    metadata_license: str | None = flag(None, "modelspec.license of the adapter.", group="metadata")
+    metadata_tags: str | None = flag(None, "modelspec.tags of the adapter, comma-separated.", group="metadata")
+    metadata_usage_hint: str | None = flag(
+        None, "modelspec.usage_hint: how to use the adapter (e.g. the trigger word).", group="metadata")
+    metadata_thumbnail: str | None = flag(
+        None, "modelspec.thumbnail: an image file (stored as a data URL) or a data URL.", group="metadata")
+    metadata_merged_from: str | None = flag(
+        None, "modelspec.merged_from: the models this one was merged from.", group="metadata")
+    metadata_trigger_phrase: str | None = flag(
+        None, "modelspec.trigger_phrase: the phrase that triggers the adapter.", group="metadata")
+    metadata_preprocessor: str | None = flag(
+        None, "modelspec.preprocessor: the preprocessing the training images had.", group="metadata")
+
     # --- sampling ---
     sample_prompts: str | None = flag(
         None, "File of prompts (one per line, kohya options --w --h --d --s --l --n) to render during "

@@ -1,13 +1,17 @@
 """kohya ``ss_*`` training metadata for adapter files (A1111, Civitai and kohya's tools read these).
 
-`training_metadata` returns the keys that describe the run; `lycoft.network_files.save_network` adds
-the network keys (``ss_network_module``, ``ss_base_model_version``, ``modelspec.*``, ``lycoft.*``) and
-lets these win, which is how ``ss_network_args`` carries the full training options.
+`training_metadata` returns the keys that describe the run plus the model-spec fields the user gave
+(``--metadata_*``); `lycoft.network_files.save_network` adds the network keys (``ss_network_module``,
+``ss_base_model_version``, ``modelspec.*``, ``lycoft.*``) and lets these win, which is how
+``ss_network_args`` carries the full training options and ``--metadata_title`` replaces the default title.
+With ``--no_metadata`` only the user's fields are returned (kohya's rule: no settings, folders or tags).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import mimetypes
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,41 @@ def _model_name(source: str | None) -> str:
     return Path(source).name if Path(source).exists() else source
 
 
+# --metadata_* flag -> SAI model-spec key (the keys kohya sd-scripts writes for them)
+MODELSPEC_FLAGS = {
+    "metadata_title": "modelspec.title", "metadata_author": "modelspec.author",
+    "metadata_description": "modelspec.description", "metadata_license": "modelspec.license",
+    "metadata_tags": "modelspec.tags", "metadata_usage_hint": "modelspec.usage_hint",
+    "metadata_thumbnail": "modelspec.thumbnail", "metadata_merged_from": "modelspec.merged_from",
+    "metadata_trigger_phrase": "modelspec.trigger_phrase", "metadata_preprocessor": "modelspec.preprocessor",
+}
+
+
+def thumbnail_data_url(value: str) -> str:
+    """``--metadata_thumbnail``: a data URL as it is, an image file as a data URL."""
+    if value.startswith("data:"):
+        return value
+    path = Path(value)
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def user_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """The model-spec fields and comment the user gave (``--metadata_*``, ``--training_comment``)."""
+    md = {key: getattr(cfg, flag) for flag, key in MODELSPEC_FLAGS.items() if getattr(cfg, flag) is not None}
+    if "modelspec.thumbnail" in md:
+        md["modelspec.thumbnail"] = thumbnail_data_url(md["modelspec.thumbnail"])
+    if cfg.training_comment is not None:
+        md["ss_training_comment"] = cfg.training_comment
+    return md
+
+
 def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_processes: int,
                       batches_per_epoch: int, num_epochs: int, total_steps: int, started_at: float,
                       session_id: int) -> dict[str, str]:
-    """The run's fixed facts; `step_metadata` adds the counters at each save."""
+    """The run's fixed facts and the user's fields; `step_metadata` adds the counters at each save."""
+    if cfg.no_metadata:
+        return user_metadata(cfg)
     options = cfg.network_options().to_strings()
     options.setdefault("algo", "oft")
     options.setdefault("preset", "full")
@@ -86,9 +121,12 @@ def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_proces
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_num_skipped_images": dataset.num_skipped,
     }
-    return {k: str(v) for k, v in md.items()}
+    return {k: str(v) for k, v in md.items()} | user_metadata(cfg)
 
 
 def step_metadata(base: dict[str, str], *, step: int, epoch: int) -> dict[str, str]:
-    """`base` plus the counters of a save at `step` (after `epoch` completed epochs)."""
+    """`base` plus the counters of a save at `step` (after `epoch` completed epochs); a ``--no_metadata``
+    base (no run facts, see `training_metadata`) gets none."""
+    if "ss_session_id" not in base:
+        return dict(base)
     return {**base, "ss_steps": str(step), "ss_epoch": str(epoch), "ss_training_finished_at": str(time.time())}

@@ -224,6 +224,9 @@ def _saving_and_sampling(cfg: TrainConfig, p: _Problems) -> None:
                  "is not set")
     if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
         p.append(f"--sample_prompts {cfg.sample_prompts!r} is not a file")
+    thumbnail = cfg.metadata_thumbnail
+    if thumbnail and not thumbnail.startswith("data:") and not Path(thumbnail).is_file():
+        p.append(f"--metadata_thumbnail {thumbnail!r} is neither an image file nor a data URL")
     if cfg.log_with and not cfg.logging_dir and cfg.log_with != "wandb":
         p.append(f"--log_with {cfg.log_with} needs --logging_dir (where tensorboard writes)")
 
