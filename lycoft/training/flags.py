@@ -31,6 +31,8 @@ SAMPLERS = (
     "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
 )
 NETWORK_MODULES = ("lycoft", "lycoft.kohya")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -247,6 +249,61 @@ class TrainConfig:
     prior_loss_weight: float = flag(
         1.0, "Loss weight of regularization images. Higher keeps the class closer to the base model; "
         "lower lets the subject dominate.", group="loss")
+    loss_type: str = flag(
+        "l2", "Per-pixel loss: l2 (squared error), l1 (absolute error), huber or smooth_l1 (squared below a "
+        "threshold c, see --huber_schedule, linear above: outliers such as odd images pull less).", group="loss",
+        choices=LOSS_TYPES)
+    huber_schedule: str = flag(
+        "snr", "How huber/smooth_l1's threshold c follows the timestep: snr (c near 1 at low noise, falling to "
+        "--huber_c at high noise), exponential (--huber_scale * --huber_c ** (t/1000)), constant "
+        "(--huber_c * --huber_scale).", group="loss", choices=HUBER_SCHEDULES)
+    huber_c: float = flag(
+        0.1, "Huber threshold parameter (> 0): errors smaller than c count squared, larger ones linearly.",
+        group="loss")
+    huber_scale: float = flag(
+        1.0, "Scale of the Huber threshold in the constant and exponential schedules (the snr schedule "
+        "ignores it, as in kohya).", group="loss")
+    debiased_estimation_loss: bool = flag(
+        False, "Weight each sample by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)): less weight on easy "
+        "low-noise steps (debiased estimation). An alternative to --min_snr_gamma.", group="loss")
+    scale_v_pred_loss_like_noise_pred: bool = flag(
+        False, "v-prediction only: weight the loss by SNR/(SNR+1), so it weighs timesteps as an epsilon "
+        "loss would. Needs --v_parameterization.", group="loss")
+    v_pred_like_loss: float | None = flag(
+        None, "Epsilon models only: add this much of a v-prediction-like loss (loss * (1 + x (SNR+1)/SNR)), "
+        "more weight on high-noise steps (0.1-0.5). Unset = off.", group="loss")
+
+    # --- noise ---
+    noise_offset_random_strength: bool = flag(
+        False, "Draw the offset noise's strength uniformly from [0, --noise_offset) at every step.",
+        group="noise")
+    adaptive_noise_scale: float | None = flag(
+        None, "Add this times |the latent's channel mean| to --noise_offset (needs --noise_offset), so "
+        "images far from mid-grey get more offset. Unset = off.",
+        group="noise")
+    multires_noise_iterations: int | None = flag(
+        None, "Multi-resolution noise with this many levels (6-10 usual): noise at ever coarser scales "
+        "added, so large areas (colour, light) learn faster. Unset = off.", group="noise")
+    multires_noise_discount: float = flag(
+        0.3, "Weight ratio between successive multi-resolution noise levels (lower = less coarse noise).",
+        group="noise")
+    ip_noise_gamma: float | None = flag(
+        None, "Input perturbation: noise the latents with noise + gamma * extra noise while the target "
+        "stays the original noise (about 0.1); a regularizer against exposure bias. Unset = off.",
+        group="noise")
+    ip_noise_gamma_random_strength: bool = flag(
+        False, "Draw the input perturbation's strength uniformly from [0, --ip_noise_gamma) at every step.",
+        group="noise")
+    min_timestep: int | None = flag(
+        None, "Train only on timesteps >= this (0-999; unset = 0). Raising it skips the low-noise steps that "
+        "shape fine detail.", group="noise")
+    max_timestep: int | None = flag(
+        None, "Train only on timesteps < this (up to 1000; unset = 1000). Lowering it skips the high-noise steps "
+        "that shape composition. Equal to --min_timestep = that one timestep.", group="noise")
+    zero_terminal_snr: bool = flag(
+        False, "Rescale the noise schedule so that its last step is pure noise (zero terminal SNR, Lin et al. "
+        "2023): lets a v-prediction model make truly dark or bright images. Meant for --v_parameterization.",
+        group="noise")
 
     # --- network ---
     network_module: str = flag(

@@ -32,8 +32,10 @@ DIFFERS: dict[str, str] = {
 
 # Keys the kohya_ss GUI writes into the TOML it hands to sd-scripts although train_network.py and
 # sdxl_train_network.py define no such flag (most belong to its FLUX/SD3 trainers); sd-scripts ignores them.
-# Source: bmaltais/kohya_ss kohya_gui/lora_gui.py (`config_toml_data`) at 45088f04.
+# Source: bmaltais/kohya_ss kohya_gui/lora_gui.py (`config_toml_data`) at 45088f04; `LoRA_type` is from the
+# GUI's own saved settings, which users paste into these files (it is one letter from `loss_type`).
 GUI_KEYS: frozenset[str] = frozenset((
+    "LoRA_type",
     "ae", "apply_t5_attn_mask", "attn_mode", "blocks_to_swap", "byt5", "clip_g", "clip_g_dropout_rate", "clip_l",
     "clip_l_dropout_rate", "compile", "compile_backend", "compile_cache_size_limit", "compile_dynamic",
     "compile_fullgraph", "compile_mode", "discrete_flow_shift", "double_blocks_to_swap", "enable_scaled_pos_embed",
@@ -125,23 +127,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "conditioning_data_dir": Unsupported(_NOT_YET),
     "cache_text_encoder_outputs_to_disk": Unsupported(f"{_NOT_YET}; --cache_text_encoder_outputs keeps them in "
                                                       "memory", False),
-    # noise and loss
-    "noise_offset_random_strength": Unsupported(_NOT_YET, False),
-    "multires_noise_iterations": Unsupported(_NOT_YET),
-    "multires_noise_discount": Unsupported(_NOT_YET, 0.3),
-    "ip_noise_gamma": Unsupported(_NOT_YET),
-    "ip_noise_gamma_random_strength": Unsupported(_NOT_YET, False),
-    "adaptive_noise_scale": Unsupported(_NOT_YET),
-    "zero_terminal_snr": Unsupported(_NOT_YET, False),
-    "min_timestep": Unsupported(_NOT_YET, 0),
-    "max_timestep": Unsupported(_NOT_YET, 1000),
-    "loss_type": Unsupported(f"{_NOT_YET}; lycoft's loss is l2 (kohya's default)", "l2"),
-    "huber_schedule": Unsupported(_NOT_YET, "snr"),
-    "huber_c": Unsupported(_NOT_YET, 0.1),
-    "huber_scale": Unsupported(_NOT_YET, 1.0),
-    "scale_v_pred_loss_like_noise_pred": Unsupported(_NOT_YET, False),
-    "v_pred_like_loss": Unsupported(_NOT_YET),
-    "debiased_estimation_loss": Unsupported(_NOT_YET, False),
     # optimizer and schedule
     "use_8bit_adam": Unsupported("kohya's old spelling; use --optimizer_type AdamW8bit", False),
     "use_lion_optimizer": Unsupported("kohya's old spelling; use --optimizer_type Lion", False),

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
     )
     logger.info("loaded %s: family %s, %s", cfg.pretrained_model_name_or_path, family,
                 "v-prediction" if v_prediction else "epsilon prediction")
+    if v_prediction and cfg.v_pred_like_loss:
+        raise ConfigError(f"--v_pred_like_loss is for epsilon models, but {cfg.pretrained_model_name_or_path} "
+                          "predicts v; drop it")
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
     text_encoders, tokenizers = pipeline_text_encoders(pipe, family)
@@ -101,7 +105,10 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
             module.to(dtype=dtype)
     sched_config = dict(pipe.scheduler.config)
     sched_config["prediction_type"] = "v_prediction" if v_prediction else "epsilon"
-    noise_scheduler = DDPMScheduler.from_config(sched_config)
+    # Lin et al. 2023's zero-terminal-SNR rescaling, the one kohya sd-scripts applies. A keyword, because
+    # from_config drops config keys that the saved file left at their defaults.
+    zero_snr = {"rescale_betas_zero_snr": True} if cfg.zero_terminal_snr else {}
+    noise_scheduler = DDPMScheduler.from_config(sched_config, **zero_snr)
     models = Models(pipe, family, v_prediction, pipe.unet, pipe.vae, text_encoders, tokenizers,
                     noise_scheduler, weight_dtype, vae_dtype)
     models.attention = configure_attention(pipe.unet, xformers=cfg.xformers, sdpa=cfg.sdpa)

@@ -34,7 +34,7 @@ from lycoft.training.conditioning import TextConditioner, sdxl_time_ids
 from lycoft.training.dataset import TrainingDataset
 from lycoft.training.flags import TrainConfig
 from lycoft.training.models import Models
-from lycoft.training.noise import sample_noise, sample_timesteps
+from lycoft.training.noise import perturb_input_noise, sample_noise, sample_timesteps
 from lycoft.training.sampler import derive_seed
 from lycoft.training.sampling import SamplePrompt, render, save_images
 from lycoft.training.saving import Saver, TrainState, adapter_stem
@@ -250,9 +250,16 @@ def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator
             pixels = batch["pixel_values"].to(device, models.vae_dtype)
             dist = models.vae.encode(pixels).latent_dist
             latents = (dist.sample(generator=generator).float() - models.latent_shift) * models.latent_scale
-    noise = sample_noise(latents, generator, run.cfg.noise_offset)
-    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    cfg = run.cfg
+    noise = sample_noise(latents, generator, cfg.noise_offset,
+                         offset_random_strength=cfg.noise_offset_random_strength,
+                         adaptive_noise_scale=cfg.adaptive_noise_scale,
+                         multires_iterations=cfg.multires_noise_iterations,
+                         multires_discount=cfg.multires_noise_discount)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device,
+                                 cfg.min_timestep or 0, cfg.max_timestep)
+    input_noise = perturb_input_noise(noise, generator, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength)
+    noisy = noise_scheduler.add_noise(latents, input_noise, timesteps)
     target = losses.target_for(noise_scheduler, latents, noise, timesteps, models.v_prediction)
     cached = None
     if run.text_cache is not None:
@@ -264,7 +271,11 @@ def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator
     pred = run.model(noisy, timesteps, list(batch["caption"]), cached, time_ids)
     loss, _ = losses.diffusion_loss(pred, target, timesteps, batch["is_reg"], scheduler=noise_scheduler,
                                     v_prediction=models.v_prediction, min_snr_gamma=run.cfg.min_snr_gamma,
-                                    prior_loss_weight=run.cfg.prior_loss_weight)
+                                    prior_loss_weight=run.cfg.prior_loss_weight, loss_type=cfg.loss_type,
+                                    huber_schedule=cfg.huber_schedule, huber_c=cfg.huber_c, huber_scale=cfg.huber_scale,
+                                    scale_v_pred_loss_like_noise_pred=cfg.scale_v_pred_loss_like_noise_pred,
+                                    v_pred_like_loss=cfg.v_pred_like_loss,
+                                    debiased_estimation_loss=cfg.debiased_estimation_loss)
     return loss
 
 

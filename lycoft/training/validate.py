@@ -172,6 +172,62 @@ def _loss(cfg: TrainConfig, p: _Problems) -> None:
         p.append(f"--min_snr_gamma must be > 0 (leave it unset to turn it off), got {cfg.min_snr_gamma}")
     if cfg.prior_loss_weight < 0:
         p.append(f"--prior_loss_weight must be >= 0, got {cfg.prior_loss_weight}")
+    if not cfg.huber_c > 0:
+        p.append(f"--huber_c must be > 0, got {cfg.huber_c}; 0.1 is usual")
+    if not cfg.huber_scale > 0:
+        p.append(f"--huber_scale must be > 0, got {cfg.huber_scale}")
+    if cfg.loss_type not in ("huber", "smooth_l1"):
+        _warn_unused(cfg, ("huber_schedule", "huber_c", "huber_scale"), f"--loss_type {cfg.loss_type}")
+    if cfg.v_pred_like_loss is not None and cfg.v_pred_like_loss < 0:
+        p.append(f"--v_pred_like_loss must be >= 0 (leave it unset to turn it off), got {cfg.v_pred_like_loss}")
+    # kohya sd-scripts' rules for the v-prediction options
+    if cfg.scale_v_pred_loss_like_noise_pred and not cfg.v_parameterization:
+        p.append("--scale_v_pred_loss_like_noise_pred is for v-prediction models: add --v_parameterization, "
+                 "or drop it")
+    if cfg.v_pred_like_loss and cfg.v_parameterization:
+        p.append("--v_pred_like_loss is for epsilon models and cannot be used with --v_parameterization; drop one")
+    if cfg.zero_terminal_snr and not cfg.v_parameterization:
+        # An epsilon target at SNR 0 is the input itself; the 1/SNR-type weights are infinite there.
+        infinite = [n for n in ("debiased_estimation_loss", "v_pred_like_loss") if getattr(cfg, n)]
+        if infinite:
+            p.append(f"--zero_terminal_snr without --v_parameterization makes the weight of --{infinite[0]} "
+                     "infinite at the last timestep (its SNR is 0); add --v_parameterization or drop one")
+        else:
+            logger.warning("--zero_terminal_snr is meant for v-prediction (--v_parameterization); an epsilon "
+                           "model learns nothing at the last timestep and may train unexpectedly")
+
+
+def _noise(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of noise and timesteps."""
+    if cfg.adaptive_noise_scale is not None and not cfg.noise_offset > 0:
+        p.append(f"--adaptive_noise_scale {cfg.adaptive_noise_scale} adds to the offset noise: it needs "
+                 "--noise_offset > 0 (e.g. 0.05)")
+    if not cfg.noise_offset:
+        _warn_unused(cfg, ("noise_offset_random_strength",), "--noise_offset unset")
+    p.positive("multires_noise_iterations")
+    if cfg.multires_noise_discount < 0:
+        p.append(f"--multires_noise_discount must be >= 0, got {cfg.multires_noise_discount}; 0.3 is usual")
+    if not cfg.multires_noise_iterations:
+        _warn_unused(cfg, ("multires_noise_discount",), "--multires_noise_iterations unset")
+    if cfg.ip_noise_gamma is not None and cfg.ip_noise_gamma < 0:
+        p.append(f"--ip_noise_gamma must be >= 0 (leave it unset to turn it off), got {cfg.ip_noise_gamma}")
+    if not cfg.ip_noise_gamma:
+        _warn_unused(cfg, ("ip_noise_gamma_random_strength",), "--ip_noise_gamma unset")
+    p.in_range("min_timestep", 0, 999)
+    p.in_range("max_timestep", 0, 1000)
+    low = 0 if cfg.min_timestep is None else cfg.min_timestep
+    high = 1000 if cfg.max_timestep is None else cfg.max_timestep
+    if low > high:
+        p.append(f"--min_timestep {low} is above --max_timestep {high}: no timestep is left to train on; "
+                 "the range is [min, max), or min = max for one timestep")
+
+
+def _warn_unused(cfg: TrainConfig, names: tuple[str, ...], because: str) -> None:
+    """Warn about each of `names` set away from its default although it does nothing (kohya ignores it)."""
+    defaults = TrainConfig()
+    for name in names:
+        if getattr(cfg, name) != getattr(defaults, name):
+            logger.warning("--%s %s has no effect with %s", name, getattr(cfg, name), because)
 
 
 def _network(cfg: TrainConfig, p: _Problems) -> None:
@@ -245,6 +301,7 @@ def validate(cfg: TrainConfig) -> None:
     _precision(cfg, p)
     _optimizer_and_schedule(cfg, p)
     _loss(cfg, p)
+    _noise(cfg, p)
     _network(cfg, p)
     _prior_preservation(cfg, p)
     _saving_and_sampling(cfg, p)
