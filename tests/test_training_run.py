@@ -337,3 +337,20 @@ def test_metadata_flags_reach_the_file_and_no_metadata_keeps_only_them(toy, tmp_
 
     net = lycoft.load(str(tmp_path / "bare" / "last.safetensors"), pipe=build_tiny_pipeline("sd1"))
     assert len(net.adapters) > 0  # a file without training metadata still loads
+
+
+def test_samples_at_the_last_step_logged_and_in_tensorboard(toy, tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('[{"prompt": "a photo of sks toy", "sample_steps": 2, "width": 64, "height": 64}]')
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        run(toy, out, network_args=["block_size=8", "preset=attn-only"], max_train_steps=3, sample_prompts=prompts,
+            sample_every_n_steps=2, logging_dir=tmp_path / "logs", output_name="s")
+    assert sorted(p.name for p in (out / "sample").iterdir()) == ["s_000002_00.png", "s_000003_00.png"]
+    assert "rendering 1 sample(s) at 000003" in caplog.text and "1 sample(s) at 000003 in" in caplog.text
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent),
+                              size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("sample/00")] == [2, 3]

@@ -94,8 +94,50 @@ def test_prompt_files(tmp_path):
     f.write_text("# heading\n\nfirst --d 1\n  # indented comment\nsecond\n")
     prompts = read_prompt_file(f, width=64, height=64)
     assert [(p.prompt, p.index) for p in prompts] == [("first", 0), ("second", 1)]
-    with pytest.raises(ConfigError, match="only text prompt files"):
-        read_prompt_file(tmp_path / "p.toml")
+
+
+def test_kohyas_json_and_toml_prompt_files_read_like_the_text_form(tmp_path, caplog):
+    from lycoft.training.sampling import SamplePrompt, read_prompt_file
+
+    text = tmp_path / "p.txt"
+    text.write_text("a dog --n blurry --w 64 --h 48 --d 5 --s 3 --l 4.5 --ss euler_a\na cat\n")
+    as_json = tmp_path / "p.json"
+    as_json.write_text('[{"prompt": "a dog", "negative_prompt": "blurry", "width": 64, "height": 48, "seed": 5, '
+                       '"sample_steps": 3, "scale": 4.5, "sample_sampler": "euler_a"}, "a cat"]')
+    as_toml = tmp_path / "p.toml"
+    as_toml.write_text('[prompt]\nwidth = 64\nheight = 48\n[[prompt.subset]]\nprompt = "a dog"\n'
+                       'negative_prompt = "blurry"\nseed = 5\nsample_steps = 3\nscale = 4.5\n'
+                       'sample_sampler = "euler_a"\n[[prompt.subset]]\nprompt = "a cat"\nwidth = 32\n')
+    expected = SamplePrompt("a dog", "blurry", 64, 48, 5, 3, 4.5, 0, "euler_a")
+    assert read_prompt_file(text, width=32, height=32)[0] == expected
+    assert read_prompt_file(as_json, width=32, height=32) == read_prompt_file(text, width=32, height=32)
+    assert read_prompt_file(as_toml, width=32, height=32) == [
+        expected, SamplePrompt("a cat", width=32, height=48, index=1)]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("x --ss fast")
+    with pytest.raises(ConfigError, match="unknown sampler 'fast'"):
+        read_prompt_file(bad)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n")
+    caplog.set_level(logging.INFO)
+    assert read_prompt_file(empty) == []
+    assert "holds no prompts: no samples will be rendered" in caplog.text
+
+
+def test_sample_pngs_carry_their_settings(tmp_path):
+    from PIL import Image
+
+    from lycoft.training.sampling import SamplePrompt, save_images
+
+    prompts = [SamplePrompt("a dog", "blurry", 8, 8, 5, 3, 4.5, 0), SamplePrompt("a cat", index=1, sampler="euler")]
+    images = [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8))]
+    paths = save_images(images, prompts, tmp_path, "run", "000010", sampler="ddim", run_seed=3)
+    assert [p.name for p in paths] == ["run_000010_00.png", "run_000010_01.png"]
+    first, second = (Image.open(p).text for p in paths)
+    assert first["parameters"] == ("a dog\nNegative prompt: blurry\nSteps: 3, Sampler: ddim, CFG scale: 4.5, "
+                                   "Seed: 5, Size: 8x8")
+    assert (first["prompt"], first["seed"], first["steps"], first["scale"]) == ("a dog", "5", "3", "4.5")
+    assert second["sampler"] == "euler" and int(second["seed"]) == prompts[1].seed_for(3)
 
 
 def test_every_kohya_sampler_name_maps_to_a_scheduler(scheduler):

@@ -69,6 +69,7 @@ from lycoft.training.step import (
     NonFiniteLossError,
     Run,
     StepPlan,
+    sample,
     save,
     step_seed,
     train_epochs,
@@ -404,9 +405,13 @@ def open_outputs(cfg: TrainConfig, accelerator: Accelerator, dataset: TrainingDa
 
 # 12. --------------------------------------------------------------------------------------------------
 def finish(run: Run) -> TrainResult:
-    """The final adapter (and state) saved, every process's adapter compared with the main one's."""
+    """The final adapter (and state) saved, samples of the last step (when sampling is on and the last
+    step has none yet), every process's adapter compared with the main one's."""
     cfg, state, world = run.cfg, run.state, run.accelerator.num_processes
     save(run, cfg.output_name, with_state=cfg.save_state)
+    sampling = cfg.sample_every_n_steps or cfg.sample_every_n_epochs
+    if run.prompts and sampling and run.last_sample_step != state.global_step:
+        sample(run, f"{state.global_step:06d}")
     adapter = run.output_dir / f"{cfg.output_name}.safetensors" if run.main else None
     if world > 1:
         diff = _max_rank_difference(run.accelerator, run.network)

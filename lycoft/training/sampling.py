@@ -1,29 +1,36 @@
 """Sample images during training: kohya's prompt files, its sampler names, PNGs and grids.
 
-A prompt file has one prompt per line (blank lines and ``#`` comments skipped), with kohya's per-line
-options after the prompt::
+A text prompt file has one prompt per line (blank lines and ``#`` comments skipped), with kohya's
+per-line options after the prompt::
 
-    a photo of sks toy on a beach --n blurry, lowres --w 512 --h 768 --d 42 --s 30 --l 7.5
+    a photo of sks toy on a beach --n blurry, lowres --w 512 --h 768 --d 42 --s 30 --l 7.5 --ss euler_a
 
 ``--n`` negative prompt, ``--w``/``--h`` size (rounded down to a multiple of 8), ``--d`` seed, ``--s``
-steps, ``--l`` guidance (CFG) scale. A prompt without ``--d`` gets a seed derived from the run's seed
-and its line, so the same prompt is rendered from the same noise at every sampling point.
+steps, ``--l`` guidance (CFG) scale, ``--ss`` sampler for this prompt. kohya's ``.json`` (a list of
+prompt lines or of objects) and ``.toml`` (``[prompt]`` defaults and ``[[prompt.subset]]`` entries)
+files hold the same settings under kohya's keys: ``prompt``, ``negative_prompt``, ``width``, ``height``,
+``seed``, ``sample_steps``, ``scale``, ``sample_sampler``. A prompt without a seed gets one derived from
+the run's seed and its position, so the same prompt is rendered from the same noise at every sampling
+point. Each PNG carries its settings in a text chunk (A1111's ``parameters`` form, read by its PNG Info).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from lycoft.checkpoints.families import detect_family_from_unet, pipeline_text_encoders
 from lycoft.training.conditioning import TextConditioner, TextConditioning
+from lycoft.training.config_files import read_toml
 from lycoft.training.errors import ConfigError
 from lycoft.training.sampler import derive_seed
 
@@ -57,7 +64,8 @@ _OPTION = re.compile(r"^(?P<key>[a-zA-Z]+)\s+(?P<value>.*)$", re.S)
 
 @dataclass(frozen=True)
 class SamplePrompt:
-    """One image to render. ``seed`` None = derived from the run seed and ``index``."""
+    """One image to render. ``seed`` None = derived from the run seed and ``index``; ``sampler`` None =
+    the run's ``--sample_sampler``."""
 
     prompt: str
     negative_prompt: str = ""
@@ -67,6 +75,11 @@ class SamplePrompt:
     steps: int = DEFAULT_STEPS
     scale: float = DEFAULT_SCALE
     index: int = 0
+    sampler: str | None = None
+
+    def seed_for(self, run_seed: int) -> int:
+        """The seed this prompt is rendered with."""
+        return self.seed if self.seed is not None else derive_seed(run_seed, 7, self.index) % 2**31
 
 
 def parse_prompt_line(line: str, *, width: int = 512, height: int = 512, index: int = 0,
@@ -94,8 +107,12 @@ def parse_prompt_line(line: str, *, width: int = 512, height: int = 512, index: 
                 p = replace(p, steps=max(1, int(value)))
             elif key == "l":
                 p = replace(p, scale=float(value))
+            elif key == "ss":
+                p = replace(p, sampler=_sampler_name(value, where))
             else:
-                logger.warning("%s: unknown option '--%s' ignored (known: --n --w --h --d --s --l)", where, key)
+                logger.warning("%s: unknown option '--%s' ignored (known: --n --w --h --d --s --l --ss)", where, key)
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError(f"{where}: option --{key} needs a number, got {value!r}") from None
     if not p.prompt:
@@ -103,24 +120,88 @@ def parse_prompt_line(line: str, *, width: int = 512, height: int = 512, index: 
     return p
 
 
-def read_prompt_file(path: str | Path, *, width: int = 512, height: int = 512) -> list[SamplePrompt]:
-    """Every prompt of a kohya-style text prompt file (sizes default to `width` x `height`)."""
-    path = Path(path)
-    if path.suffix.lower() in (".toml", ".json"):
-        raise ConfigError(f"--sample_prompts {path}: only text prompt files (one prompt per line, kohya "
-                          "options --n --w --h --d --s --l) are supported")
+# kohya's keys of a prompt in a .json/.toml prompt file -> SamplePrompt field
+_PROMPT_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+                "seed": "seed", "sample_steps": "steps", "scale": "scale", "sample_sampler": "sampler"}
+
+
+def _sampler_name(name: str, where: str) -> str:
+    if name not in SAMPLER_CLASSES:
+        raise ConfigError(f"{where}: unknown sampler {name!r}; use one of {', '.join(SAMPLER_CLASSES)}")
+    return name
+
+
+def _prompt_from_mapping(entry: Mapping[str, Any], *, width: int, height: int, index: int,
+                         where: str) -> SamplePrompt:
+    """One prompt object of a kohya .json/.toml prompt file."""
+    unknown = sorted(set(entry) - set(_PROMPT_KEYS) - {"enum", "subset"})
+    if unknown:
+        logger.warning("%s: keys %s ignored (known: %s)", where, ", ".join(unknown), ", ".join(_PROMPT_KEYS))
+    values: dict[str, Any] = {"width": width, "height": height, "index": index}
+    for key, field_name in _PROMPT_KEYS.items():
+        if key in entry:
+            values[field_name] = entry[key]
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ConfigError(f"--sample_prompts {path} cannot be read: {e}") from None
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        prompts.append(parse_prompt_line(line, width=width, height=height, index=len(prompts),
-                                         where=f"{path}:{number}"))
+        p = SamplePrompt(**values)
+        p = replace(p, prompt=str(p.prompt).strip(), negative_prompt=str(p.negative_prompt),
+                    width=max(8, int(p.width) // 8 * 8), height=max(8, int(p.height) // 8 * 8),
+                    seed=None if p.seed is None else int(p.seed), steps=max(1, int(p.steps)), scale=float(p.scale),
+                    sampler=None if p.sampler is None else _sampler_name(str(p.sampler), where))
+    except TypeError:
+        raise ConfigError(f"{where}: a prompt needs a 'prompt' key") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not p.prompt:
+        raise ConfigError(f"{where}: the prompt is empty")
+    return p
+
+
+def _structured_entries(path: Path) -> list[Any]:
+    """The prompt entries of a kohya .json (a list) or .toml (``[prompt]`` + ``[[prompt.subset]]``) file."""
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--sample_prompts {path} cannot be read as JSON: {e}") from None
+        if not isinstance(data, list):
+            raise ConfigError(f"--sample_prompts {path}: kohya's JSON prompt file is a list of prompts")
+        return data
+    data = read_toml(path, "--sample_prompts file")
+    section = data.get("prompt")
+    if not isinstance(section, dict) or not isinstance(section.get("subset", []), list):
+        raise ConfigError(f"--sample_prompts {path}: kohya's TOML prompt file has a [prompt] table with "
+                          "[[prompt.subset]] entries")
+    defaults = {k: v for k, v in section.items() if k != "subset"}
+    return [{**defaults, **subset} for subset in section.get("subset", [])]
+
+
+def read_prompt_file(path: str | Path, *, width: int = 512, height: int = 512) -> list[SamplePrompt]:
+    """Every prompt of a kohya prompt file (.txt, .json or .toml; sizes default to `width` x `height`).
+    A file without prompts gives none (and no sampling), with a note."""
+    path = Path(path)
+    prompts: list[SamplePrompt] = []
+    if path.suffix.lower() in (".toml", ".json"):
+        for number, entry in enumerate(_structured_entries(path), 1):
+            where = f"{path}, prompt {number}"
+            if isinstance(entry, str):
+                prompts.append(parse_prompt_line(entry, width=width, height=height, index=len(prompts), where=where))
+            elif isinstance(entry, Mapping):
+                prompts.append(_prompt_from_mapping(entry, width=width, height=height, index=len(prompts),
+                                                    where=where))
+            else:
+                raise ConfigError(f"{where}: a prompt is a string or a table, got {entry!r}")
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ConfigError(f"--sample_prompts {path} cannot be read: {e}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            prompts.append(parse_prompt_line(line, width=width, height=height, index=len(prompts),
+                                             where=f"{path}:{number}"))
     if not prompts:
-        raise ConfigError(f"--sample_prompts {path} has no prompts (blank lines and # comments only)")
+        logger.info("--sample_prompts %s holds no prompts: no samples will be rendered", path)
     return prompts
 
 
@@ -169,15 +250,14 @@ def render(pipe: Any, prompts: Sequence[SamplePrompt], *, sampler: str = "ddim",
            conditioner: TextConditioner | None = None) -> list[Image.Image]:
     """Render `prompts` with `pipe` as it is now (adapters applied or not). Prompts are encoded by
     `conditioner` (default: the pipeline's encoders as training uses them); the pipeline's scheduler is
-    swapped for `sampler` during the call and restored after."""
+    swapped for `sampler` (or a prompt's own) during the call and restored after."""
     conditioner = conditioner or default_conditioner(pipe)
     original = pipe.scheduler
-    pipe.scheduler = make_sampler(sampler, original.config)
     images = []
     try:
         for p in prompts:
-            seed = p.seed if p.seed is not None else derive_seed(run_seed, 7, p.index) % 2**31
-            generator = torch.Generator("cpu").manual_seed(seed)
+            pipe.scheduler = make_sampler(p.sampler or sampler, original.config)
+            generator = torch.Generator("cpu").manual_seed(p.seed_for(run_seed))
             out = pipe(width=p.width, height=p.height, num_inference_steps=p.steps, guidance_scale=p.scale,
                        generator=generator, output_type="pil", **_prompt_kwargs(pipe, conditioner, p))
             images.append(out.images[0])
@@ -186,15 +266,28 @@ def render(pipe: Any, prompts: Sequence[SamplePrompt], *, sampler: str = "ddim",
     return images
 
 
+def png_parameters(p: SamplePrompt, *, sampler: str, run_seed: int) -> str:
+    """A prompt's settings in A1111's ``parameters`` text (its PNG Info tab reads it back)."""
+    negative = f"\nNegative prompt: {p.negative_prompt}" if p.negative_prompt else ""
+    return (f"{p.prompt}{negative}\nSteps: {p.steps}, Sampler: {p.sampler or sampler}, CFG scale: {p.scale}, "
+            f"Seed: {p.seed_for(run_seed)}, Size: {p.width}x{p.height}")
+
+
 def save_images(images: Sequence[Image.Image], prompts: Sequence[SamplePrompt], folder: str | Path,
-                name: str, tag: str) -> list[Path]:
-    """Write ``<name>_<tag>_<index>.png`` for each image; returns the paths."""
+                name: str, tag: str, *, sampler: str = "ddim", run_seed: int = 0) -> list[Path]:
+    """Write ``<name>_<tag>_<index>.png`` for each image, its settings in PNG text chunks; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for image, p in zip(images, prompts):
+        info = PngInfo()
+        info.add_text("parameters", png_parameters(p, sampler=sampler, run_seed=run_seed))
+        for key, value in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt),
+                           ("seed", p.seed_for(run_seed)), ("steps", p.steps), ("scale", p.scale),
+                           ("sampler", p.sampler or sampler)):
+            info.add_text(key, str(value))
         path = folder / f"{name}_{tag}_{p.index:02d}.png"
-        image.save(path)
+        image.save(path, pnginfo=info)
         paths.append(path)
     return paths
 

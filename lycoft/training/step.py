@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,7 @@ class Run:
     saver: Saver
     losses: list[float] = field(default_factory=list)  # per optimizer step taken, mean over processes
     learning_rates: list[tuple[float, ...]] = field(default_factory=list)  # per optimizer step, per group
+    last_sample_step: int | None = None  # the step the last samples were rendered at
     params: list[torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -375,14 +377,23 @@ def stop_nonfinite(run: Run, what: str, remedy: str) -> NonFiniteLossError:
 
 
 def sample(run: Run, tag: str) -> None:
-    """Render the prompts on the main process; the others wait (a failure only warns)."""
+    """Render the prompts on the main process, one log line before and after (the progress bar stands
+    still meanwhile), PNGs in ``<output_dir>/sample`` and the images in the trackers; the other
+    processes wait (a failure only warns)."""
     if run.main:
         run.network.eval()
+        cfg, folder = run.cfg, run.output_dir / "sample"
         try:
+            logger.info("rendering %d sample(s) at %s", len(run.prompts), tag)
+            started = time.perf_counter()
             with run.accelerator.autocast():
-                images = render(run.models.pipe, run.prompts, sampler=run.cfg.sample_sampler, run_seed=run.cfg.seed,
+                images = render(run.models.pipe, run.prompts, sampler=cfg.sample_sampler, run_seed=cfg.seed,
                                 conditioner=run.conditioner)
-            save_images(images, run.prompts, run.output_dir / "sample", run.cfg.output_name, tag)
+            paths = save_images(images, run.prompts, folder, cfg.output_name, tag, sampler=cfg.sample_sampler,
+                                run_seed=cfg.seed)
+            tracking.log_samples(run.accelerator, images, run.prompts, step=run.state.global_step)
+            logger.info("%d sample(s) at %s in %s (%.1f s)", len(paths), tag, folder, time.perf_counter() - started)
+            run.last_sample_step = run.state.global_step
         except Exception as e:  # a sampling bug must not cost the run
             logger.warning("sampling at %s failed (%s: %s); training goes on", tag, type(e).__name__, e)
         finally:

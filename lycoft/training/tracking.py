@@ -5,7 +5,7 @@ Logged per optimizer step: ``loss`` (mean over processes and accumulated batches
 over the epoch so far), ``lr/<group>`` for each parameter group (``unet``, ``te1``, ``te2``) and the
 rotation size ``||Q||_F`` per component (``rotation/<component>/mean`` and ``.../max``). Per-module
 sizes (``rotation_module/<key>``) are logged at every epoch end and save, where they show which layers
-the adapter actually moves.
+the adapter actually moves. Sample images go to the trackers that take images (`log_samples`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
@@ -68,3 +71,16 @@ def step_logs(loss: float, loss_avg: float, optimizer: Any, network: Any) -> dic
 
 def module_logs(network: Any) -> dict[str, float]:
     return {f"rotation_module/{key}": value for key, value in rotation_sizes(network).items()}
+
+
+def log_samples(accelerator: Any, images: Sequence[Image.Image], prompts: Sequence[Any], step: int) -> None:
+    """The sample images into each tracker that takes images (TensorBoard, W&B), one entry per prompt
+    index (``sample/00`` ...), so a prompt's images line up across steps."""
+    for tracker in accelerator.trackers:
+        for image, p in zip(images, prompts):
+            name = f"sample/{p.index:02d}"
+            pixels = np.asarray(image.convert("RGB"))
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, pixels, global_step=step, dataformats="HWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({name: [pixels]}, step=step)
