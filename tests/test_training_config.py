@@ -289,13 +289,14 @@ def test_network_alpha_is_accepted_but_reported_as_ignored(data_dir, caplog):
     assert any("--network_alpha 1.0 is ignored" in r.getMessage() for r in caplog.records)
 
 
-def test_text_encoder_lr_takes_one_value_or_one_per_sdxl_text_encoder(data_dir, tmp_path):
+def test_text_encoder_lr_takes_one_value_or_one_per_sdxl_text_encoder(data_dir, tmp_path, caplog):
     cfg = parse_args([*base_args(data_dir), "--text_encoder_lr", "1e-5", "2e-5"])
     assert cfg.text_encoder_lr == [1e-5, 2e-5]
     assert cfg.text_encoder_lrs(2) == [1e-5, 2e-5]
-    with pytest.raises(ConfigError, match=r"has 2 values \(1e-05 2e-05\) but this model has 1 text encoder; "
-                                          r"give one value"):
-        cfg.text_encoder_lrs(1)
+    # the kohya_ss GUI writes two rates for SD1 too: the first serves, with a warning
+    assert cfg.text_encoder_lrs(1) == [1e-5]
+    assert "--text_encoder_lr has 2 values (1e-05 2e-05) but this model has 1 text encoder: using 1e-05" \
+        in caplog.text
     one = parse_args([*base_args(data_dir), "--text_encoder_lr", "5e-5"])
     assert one.text_encoder_lr == [5e-5] and one.text_encoder_lrs(2) == [5e-5, 5e-5]
     assert parse_args(base_args(data_dir)).text_encoder_lrs(2) == [None, None]  # = --learning_rate

@@ -354,3 +354,30 @@ def test_samples_at_the_last_step_logged_and_in_tensorboard(toy, tmp_path, caplo
                               size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("sample/00")] == [2, 3]
+
+
+def test_steps_and_epochs_together_and_an_overlong_warmup_are_reported(toy, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        result = run(toy, tmp_path / "out", network_args=["block_size=8", "preset=attn-only"], max_train_steps=5,
+                     max_train_epochs=1, lr_scheduler="cosine", lr_warmup_steps=10, train_batch_size=2)
+    assert result.state.global_step == 2  # 4 images in batches of 2: one epoch
+    assert "--max_train_epochs 1 (2 steps) is used, not --max_train_steps 5 (kohya's rule: epochs win)" in caplog.text
+    assert "--lr_warmup_steps 10 is 10 steps, longer than the whole run (2)" in caplog.text
+
+
+def test_class_images_of_other_folders_are_reported(tmp_path, caplog):
+    from PIL import Image
+
+    from lycoft.training.prior import missing_class_images
+
+    reg = tmp_path / "reg"
+    for folder, count in (("1_a photo of a dog", 2), ("1_a photo of a cat", 3)):
+        (reg / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8)).save(reg / folder / f"{i}.png")
+    data = tmp_path / "train"
+    (data / "1_sks dog").mkdir(parents=True)
+    cfg = parse_args(["--pretrained_model_name_or_path", "builtin:tiny-sd1", "--train_data_dir", str(data),
+                      "--reg_data_dir", str(reg), "--class_prompt", "a photo of a dog", "--num_class_images", "10"])
+    assert missing_class_images(cfg) == 5
+    assert "--num_class_images 10 counts 3 image(s) in other folders" in caplog.text

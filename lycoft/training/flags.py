@@ -10,6 +10,7 @@ Nothing here imports torch or touches a model.
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 from lycoft.checkpoints.families import FAMILIES, SD1, SD2, SDXL, family_info
 from lycoft.config import OPTIONS, NetworkOptions, parse_network_args
 from lycoft.training.errors import ConfigError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor")
 LR_SCHEDULERS = (
@@ -425,14 +428,15 @@ class TrainConfig:
 
     def text_encoder_lrs(self, count: int) -> list[float | None]:
         """The learning rate of each of `count` text encoders (None = --learning_rate): one value of
-        --text_encoder_lr serves all of them, two name SDXL's two in order."""
+        --text_encoder_lr serves all of them, two name SDXL's two in order. More values than text encoders
+        (the kohya_ss GUI writes two for every model) use the first ones, with a warning."""
         lrs = self.text_encoder_lr
         if not lrs:
             return [None] * count
         if len(lrs) > count:
-            raise ConfigError(
-                f"--text_encoder_lr has {len(lrs)} values ({' '.join(map(str, lrs))}) but this model has "
-                f"{count} text encoder{'s' if count != 1 else ''}; give one value")
+            used = " ".join(map(str, lrs[:count]))
+            logger.warning("--text_encoder_lr has %d values (%s) but this model has %d text encoder%s: using %s",
+                           len(lrs), " ".join(map(str, lrs)), count, "s" if count != 1 else "", used)
         return [lrs[i] if i < len(lrs) else lrs[0] for i in range(count)]
 
     def resolved_resolution(self, family: str | None = None) -> tuple[int, int]:

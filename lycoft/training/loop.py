@@ -331,6 +331,13 @@ def plan_steps(cfg: TrainConfig, accelerator: Accelerator, dataset: TrainingData
                            accelerator.num_processes)
     per_epoch = math.ceil(batches.per_rank / cfg.gradient_accumulation_steps)
     total = cfg.max_train_epochs * per_epoch if cfg.max_train_epochs else cfg.max_train_steps
+    if accelerator.is_main_process:
+        if cfg.max_train_epochs and cfg.max_train_steps != TrainConfig.max_train_steps:
+            logger.info("--max_train_epochs %d (%d steps) is used, not --max_train_steps %d (kohya's rule: "
+                        "epochs win)", cfg.max_train_epochs, total, cfg.max_train_steps)
+        if cfg.lr_scheduler != "constant" and cfg.warmup_steps(total) > total:
+            logger.warning("--lr_warmup_steps %s is %d steps, longer than the whole run (%d): the learning rate "
+                           "never reaches --learning_rate", cfg.lr_warmup_steps, cfg.warmup_steps(total), total)
     return batches, StepPlan(per_epoch=per_epoch, total=total, epochs=math.ceil(total / per_epoch))
 
 

@@ -41,9 +41,20 @@ def existing_class_images(reg_dir: Path) -> int:
 
 
 def missing_class_images(cfg: TrainConfig) -> int:
+    """How many class images `generate_class_images` will add. Images in other subfolders than this class
+    prompt's count too (kohya's folder layout has no class names), which is reported: they may be of
+    another class."""
     if not (cfg.num_class_images and cfg.class_prompt and cfg.reg_data_dir):
         return 0
-    return max(0, cfg.num_class_images - existing_class_images(Path(cfg.reg_data_dir)))
+    reg_dir = Path(cfg.reg_data_dir)
+    have = existing_class_images(reg_dir)
+    own = class_folder(reg_dir, cfg.class_prompt)
+    others = have - (len(list_images(own)) if own.is_dir() else 0)
+    if others:
+        logger.warning("--num_class_images %d counts %d image(s) in other folders of %s than %s; if they show "
+                       "another class than %r, give this class its own --reg_data_dir", cfg.num_class_images,
+                       others, reg_dir, own.name, cfg.class_prompt)
+    return max(0, cfg.num_class_images - have)
 
 
 @torch.no_grad()
