@@ -5,6 +5,10 @@ picks per call the cheaper of two exact paths:
 - weight path: build `W' = rescale * M W` and run the layer with it;
 - activation path: run the layer without bias, rotate its output channels by `M`, rescale, add bias
   (output side), or rotate the input features by `M^T` (input side, Linear and 1x1 convs).
+
+A base weight stored in float8 (a frozen base kept small) is upcast to the input's dtype at each use and
+never rounded back: the activation path runs the stored weight as it is, so the adapted layer equals the
+layer with the float8 values exactly, and the weight path builds `W'` in the compute dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from .config import AdapterConfig, BlockLayout
 from .ops import cayley, cayley_of_raw, constrain, interpolate, rotate, skew
 from .ops.apply import butterfly_fuses, operator_blocks, operator_width
 from .ops.blockdiag import blockdiag_apply, blockdiag_apply_bias
-from .ops.weight_path import ConvSpec, rotated_weight_op
+from .ops.cayley import is_compiling
+from .ops.weight_path import ConvSpec, is_float8, rotated_weight_op, stored_weight_op
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -47,6 +52,35 @@ def layer_dims(base: nn.Module) -> tuple[int, int, int]:
     raise UnsupportedLayerError(
         f"{type(base).__name__} is not supported; lycoft adapts Linear and Conv1d/2d/3d layers"
     )
+
+
+def conv_spec(base: nn.Module, x: Tensor) -> tuple[Tensor, ConvSpec | None]:
+    """`x` padded as a non-zero `padding_mode` asks, and `base`'s integer conv geometry (None for Linear)."""
+    if isinstance(base, nn.Linear):
+        return x, None
+    padding = base.padding
+    if base.padding_mode != "zeros":
+        x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+        padding = (0,) * len(base.stride)
+    return x, ConvSpec(tuple(base.stride), tuple(padding), tuple(base.dilation), base.groups)
+
+
+def base_op(base: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`base`'s linear map or convolution of `x` with `weight` and `bias`.
+
+    A `weight` stored in float8 is upcast to `x`'s dtype for this call only (`ops.stored_weight_op`, which
+    keeps the float8 tensor, not the copy, for backward).
+    """
+    if is_float8(weight.dtype):
+        if isinstance(base, nn.Linear):
+            return stored_weight_op(x, weight, bias)
+        if not isinstance(base.padding, str):
+            xin, conv = conv_spec(base, x)
+            return stored_weight_op(xin, weight, bias, conv)
+        weight = weight.to(x.dtype)  # 'same'/'valid' paddings: plain upcast
+    if isinstance(base, nn.Linear):
+        return F.linear(x, weight, bias)
+    return base._conv_forward(x, weight, bias)
 
 
 class OFTLayer(nn.Module):
@@ -105,10 +139,12 @@ class OFTLayer(nn.Module):
         return self.base_layer if "base_layer" in self._modules else self._base_ref
 
     def _run(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        base = self.base
-        if isinstance(base, nn.Linear):
-            return F.linear(x, weight, bias)
-        return base._conv_forward(x, weight, bias)
+        return base_op(self.base, x, weight, bias)
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The base weight; one stored in float8 is upcast to `dtype` (default float32) for this use."""
+        W = self.base.weight
+        return W.to(dtype or torch.float32) if is_float8(W.dtype) else W
 
     def base_forward(self, x: Tensor) -> Tensor:
         base = self.base
@@ -132,7 +168,9 @@ class OFTLayer(nn.Module):
         (`lycoft.rotations`); a standalone layer builds its own at every call.
         """
         m = self.multiplier if multiplier is None else multiplier
-        cache = self.__dict__.get("rotation_cache")
+        # Traced by torch.compile, each layer builds its own: the cache's validity checks (parameter versions,
+        # data pointers, autograd state) are what a compiled graph cannot express.
+        cache = None if is_compiling() else self.__dict__.get("rotation_cache")
         R = cache.get(self) if cache is not None else None
         if R is None:
             # No warm start from the previous step's rotation: R must be a pure function of the parameters,
@@ -166,18 +204,21 @@ class OFTLayer(nn.Module):
         return (self.constraint, self.neumann_terms, self.training and self.dropout > 0,
                 self.oft_blocks.requires_grad, self.oft_blocks.dtype, self.oft_blocks.device)
 
-    def merged_weight(self, multiplier: float | None = None, R: Tensor | None = None) -> Tensor:
-        """`W' = rescale * M W` (output side) or `rescale * W M^T` (input side), in the base weight dtype.
+    def merged_weight(self, multiplier: float | None = None, R: Tensor | None = None,
+                      dtype: torch.dtype | None = None) -> Tensor:
+        """`W' = rescale * M W` (output side) or `rescale * W M^T` (input side), in the base weight dtype
+        (a float8 base: in `dtype`, default float32).
 
         `ops.merged_weight` with this layer's rotation (`R`: one already built at the layer's strength).
         """
         if R is None:
             R = self.rotation(multiplier)
-        return ops.merged_weight(self.base.weight, self.oft_blocks, side=self.side, rescale=self.rescale, rotation=R)
+        W = self.base_weight(dtype)
+        return ops.merged_weight(W, self.oft_blocks, side=self.side, rescale=self.rescale, rotation=R)
 
     def delta_weight(self, multiplier: float | None = None) -> Tensor:
         """`W' - W` in float32 (for full-difference exports)."""
-        W = self.base.weight
+        W = self.base_weight()
         return self.merged_weight(multiplier).float() - W.float()
 
     def adapter_parameters(self) -> list[nn.Parameter]:
@@ -238,14 +279,7 @@ class OFTLayer(nn.Module):
         )
 
     def _conv_spec(self, x: Tensor) -> tuple[Tensor, ConvSpec | None]:
-        base = self.base
-        if isinstance(base, nn.Linear):
-            return x, None
-        padding = base.padding
-        if base.padding_mode != "zeros":
-            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
-            padding = (0,) * len(base.stride)
-        return x, ConvSpec(tuple(base.stride), tuple(padding), tuple(base.dilation), base.groups)
+        return conv_spec(self.base, x)
 
     @property
     def activation_path_possible(self) -> bool:
@@ -268,7 +302,7 @@ class OFTLayer(nn.Module):
                 if blocks is not None:
                     xin, conv = self._conv_spec(x)
                     return rotated_weight_op(xin, blocks, base.weight, base.bias, conv)
-            return self._run(x, self.merged_weight(R=R), base.bias)
+            return self._run(x, self.merged_weight(R=R, dtype=x.dtype), base.bias)
         channel_dim = -1 if isinstance(base, nn.Linear) else 1
         if self.side == "output":
             y = self._run(x, base.weight, None)

@@ -56,10 +56,15 @@ _TARGET = 1e-8  # bound on the final residual ||I - (I - Q) N||_inf: below float
 _POOR = 0.5  # a block with ||Q^2||_inf >= this needs 5 or more factors: it gets the LU (rare: far rotations)
 
 
-@functools.lru_cache(maxsize=32)
 def _eye(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A shared identity (never written to): saves an allocation per call on the hot path."""
-    return torch.eye(b, dtype=dtype, device=device)
+    """A shared identity (never written to): saves an allocation per call on the hot path. A fresh one while
+    torch.compile traces: a compiled graph must not capture a cached tensor."""
+    return torch.eye(b, dtype=dtype, device=device) if is_compiling() else _shared_eye(b, dtype, device, 1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_eye(b: int, dtype: torch.dtype, device: torch.device, sign: float) -> Tensor:
+    return sign * torch.eye(b, dtype=dtype, device=device)
 
 
 def _product_inverse(Q: Tensor) -> Tensor:
@@ -119,9 +124,15 @@ def _inverse_of_i_minus(Q: Tensor) -> Tensor:
     float64 (reference computations) and GPUs keep the batched LU (no host synchronisation).
     """
     b = Q.shape[-1]
-    if Q.device.type == "cpu" and Q.dtype == torch.float32 and Q.numel():
+    if Q.device.type == "cpu" and Q.dtype == torch.float32 and Q.numel() and not is_compiling():
         return _product_inverse(Q.reshape(-1, b, b)).reshape(Q.shape)
     return _lu_inverse(_eye(b, Q.dtype, Q.device) - Q)
+
+
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing this call (host synchronisations would break its graph)."""
+    probe = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(probe is not None and probe())
 
 
 def _cayley_from_inverse(N: Tensor) -> Tensor:
@@ -129,9 +140,8 @@ def _cayley_from_inverse(N: Tensor) -> Tensor:
     return torch.add(_neg_eye(N.shape[-1], N.dtype, N.device), N, alpha=2.0)
 
 
-@functools.lru_cache(maxsize=32)
 def _neg_eye(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return -torch.eye(b, dtype=dtype, device=device)
+    return -torch.eye(b, dtype=dtype, device=device) if is_compiling() else _shared_eye(b, dtype, device, -1.0)
 
 
 def _no_autocast(t: Tensor) -> contextlib.AbstractContextManager:

@@ -1,6 +1,9 @@
-"""A linear/conv op run with an output-rotated weight, whose backward never forms the weight gradient.
+"""Linear/conv ops with a frozen weight: the backward never forms the weight gradient, and what it keeps of
+the weight is the frozen tensor as stored, not a computed copy.
 
-`out = op(x, W') + bias` with `W' = M W`, `M = blockdiag(A_k)` orthogonal (`A = blocks^T` in the
+`stored_weight_op`: `op(x, W) + bias` with `W` stored in float8 and upcast for the call only.
+
+`rotated_weight_op`: `out = op(x, W') + bias` with `W' = M W`, `M = blockdiag(A_k)` orthogonal (`A = blocks^T` in the
 block-diagonal convention of `blockdiag.py`). Autograd through `op(x, W')` would compute `dL/dW'`, a
 `tokens x out x fan_in` product that a frozen layer never pays, only to contract it down to `b x b`
 blocks. The same gradient comes from the output itself:
@@ -25,6 +28,11 @@ from torch import Tensor
 from .blockdiag import _view, block_matmul, block_outer
 
 
+def is_float8(dtype: torch.dtype) -> bool:
+    """Whether `dtype` is a float8 storage format (a weight that must be upcast before it computes)."""
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
 class ConvSpec(NamedTuple):
     """Integer conv geometry (string paddings and non-zero padding modes are resolved by the caller)."""
 
@@ -34,11 +42,12 @@ class ConvSpec(NamedTuple):
     groups: int
 
 
-def _rotated(A: Tensor, W: Tensor) -> Tensor:
-    """`W' = blockdiag(A_k) W` on rows, computed in `A`'s dtype, returned in `W`'s."""
+def _rotated(A: Tensor, W: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """`W' = blockdiag(A_k) W` on rows, computed in `A`'s dtype, returned in `dtype` (default `W`'s; a weight
+    stored in float8 names its compute dtype, so that `W'` is not rounded back to float8)."""
     nb, b, _ = A.shape
     Wv = W.to(A.dtype).reshape(1, nb, b, -1)
-    return block_matmul(A, Wv).reshape(W.shape).to(W.dtype)
+    return block_matmul(A, Wv).reshape(W.shape).to(dtype or W.dtype)
 
 
 def _op(x: Tensor, W: Tensor, bias: Tensor | None, conv: ConvSpec | None) -> Tensor:
@@ -48,11 +57,21 @@ def _op(x: Tensor, W: Tensor, bias: Tensor | None, conv: ConvSpec | None) -> Ten
     return fn(x, W, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def op_input_grad(g: Tensor, W: Tensor, x_shape: torch.Size, conv: ConvSpec | None) -> Tensor:
+    """`dL/dx` of `op(x, W)` from the output gradient `g` (in `g`'s dtype; `W` already in it)."""
+    if conv is None:
+        return g.matmul(W)
+    dummy = g.new_empty(1).expand(x_shape)
+    return torch.ops.aten.convolution_backward(
+        g, dummy, W, None, conv.stride, conv.padding, conv.dilation, False,
+        [0] * len(conv.stride), conv.groups, [True, False, False])[0]
+
+
 class _RotatedWeightOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, W: Tensor, bias: Tensor | None,  # type: ignore[override]
                 conv: ConvSpec | None) -> Tensor:
-        Wp = _rotated(A, W)
+        Wp = _rotated(A, W, x.dtype if is_float8(W.dtype) else None)
         out = _op(x, Wp, bias, conv)
         ctx.conv = conv
         ctx.x_shape = x.shape
@@ -69,15 +88,8 @@ class _RotatedWeightOp(torch.autograd.Function):
         dx = dA = dbias = None
         channel = -1 if conv is None else 1
         if ctx.needs_input_grad[0]:
-            Wp = _rotated(A, W).to(g.dtype)
-            if conv is None:
-                dx = g.matmul(Wp)
-            else:
-                dummy = g.new_empty(1).expand(ctx.x_shape)
-                dx = torch.ops.aten.convolution_backward(
-                    g, dummy, Wp, None, conv.stride, conv.padding, conv.dilation, False,
-                    [0] * len(conv.stride), conv.groups, [True, False, False])[0]
-            dx = dx.to(ctx.x_dtype)
+            Wp = _rotated(A, W, g.dtype if is_float8(W.dtype) else None).to(g.dtype)
+            dx = op_input_grad(g, Wp, ctx.x_shape, conv).to(ctx.x_dtype)
         need_sum = bias is not None or ctx.needs_input_grad[3]
         if need_sum:
             dims = [d for d in range(g.dim()) if d != channel % g.dim()]
@@ -103,3 +115,39 @@ def rotated_weight_op(x: Tensor, blocks: Tensor, W: Tensor, bias: Tensor | None,
     if W.requires_grad and torch.is_grad_enabled():
         raise ValueError("rotated_weight_op never computes the base weight's gradient; freeze the base weight")
     return _RotatedWeightOp.apply(x, blocks.transpose(1, 2), W, bias, conv)
+
+
+class _StoredWeightOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, bias: Tensor | None,  # type: ignore[override]
+                conv: ConvSpec | None) -> Tensor:
+        ctx.conv = conv
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(W, bias)
+        return _op(x, W.to(x.dtype), bias, conv)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        W, bias = ctx.saved_tensors
+        g = g.contiguous()
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = op_input_grad(g, W.to(g.dtype), ctx.x_shape, ctx.conv).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            channel = -1 if ctx.conv is None else 1
+            dims = [d for d in range(g.dim()) if d != channel % g.dim()]
+            dbias = g.sum(dims, dtype=torch.float32).to(bias.dtype)
+        return dx, None, dbias, None
+
+
+def stored_weight_op(x: Tensor, W: Tensor, bias: Tensor | None, conv: ConvSpec | None = None) -> Tensor:
+    """`op(x, W.to(x.dtype), bias)` for a frozen `W` stored narrower than it computes (float8).
+
+    The upcast copy lives for this call only: backward upcasts `W` again, so autograd holds the stored
+    tensor (1 byte per weight) instead of a compute-dtype copy of every layer. Differentiable in `x` and
+    `bias`; `conv` None for a linear layer. Equals `op(x, W.to(x.dtype), bias)` exactly.
+    """
+    if W.requires_grad and torch.is_grad_enabled():
+        raise ValueError("stored_weight_op never computes the weight's gradient; freeze the weight")
+    return _StoredWeightOp.apply(x, W, bias, conv)

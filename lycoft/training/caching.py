@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from lycoft.training.buckets import CropPlan
-from lycoft.training.errors import ConfigError
 
 _FORMAT = "lycoft-latent-1"
 
@@ -182,47 +181,85 @@ class LatentCache:
 TextOutputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]
 
 
+def weights_fingerprint(modules: Iterable[torch.nn.Module]) -> str:
+    """A short digest of the modules' parameters: names, shapes, dtypes and eight values spread over each
+    tensor. Two different checkpoints (a fine-tune, a merge) differ in it; computing it reads a few hundred
+    values, not the weights."""
+    names, samples = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            flat = p.detach().reshape(-1)
+            samples.append(flat[:: max(1, flat.numel() // 8)][:8].float())
+            names.append(f"{name}:{tuple(p.shape)}:{p.dtype}")
+    values = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
+    return hashlib.sha1("\n".join(names).encode() + values).hexdigest()[:16]
+
+
 class TextEmbeddingCache:
     """Text-encoder outputs per caption, for a frozen text encoder.
 
     Args:
         encode: ``list[str]`` -> a batch-first tensor, a tuple of them (e.g. SDXL's two hidden states
             and the pooled output), or a dict of them. `get` returns the same shape of thing.
-        to_disk: keep outputs as ``.npz`` files in ``cache_dir`` (required then).
-        namespace: identifies the encoder setup (model, clip_skip, max length ...); entries written
-            under another namespace are not reused.
+        to_disk: keep outputs as ``.npz`` files: in ``cache_dir`` when given, else beside the images that
+            `fill` names (``<image name>.lycoft-te.npz``, one per image).
+        namespace: identifies the encoder setup (model weights, clip_skip, max length ...); entries written
+            under another namespace, or for another caption, are not reused.
     """
 
     def __init__(self, encode: Callable[[list[str]], TextOutputs], *, to_disk: bool = False,
                  cache_dir: str | Path | None = None, namespace: str = "") -> None:
-        if to_disk and cache_dir is None:
-            raise ConfigError("TextEmbeddingCache(to_disk=True) needs a cache_dir (captions have no "
-                              "file to sit next to)")
         self.encode = encode
         self.to_disk = to_disk
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.namespace = namespace
         self.encode_calls = 0
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
+        self._files: dict[str, Path] = {}  # beside the images: caption -> a valid file holding it
         self._form: str | None = None  # "tensor" | "tuple" | "dict": what encode returned
 
-    def _path(self, caption: str) -> Path:
-        assert self.cache_dir is not None
+    @property
+    def beside_images(self) -> bool:
+        return self.to_disk and self.cache_dir is None
+
+    @staticmethod
+    def beside_path(image_path: Path) -> Path:
+        """The file that holds the outputs of `image_path`'s caption when they are kept beside the images."""
+        image_path = Path(image_path).resolve()
+        return image_path.with_name(image_path.name + ".lycoft-te.npz")
+
+    def _path(self, caption: str) -> Path | None:
+        if self.cache_dir is None:
+            return self._files.get(caption)
         digest = hashlib.sha1(f"{self.namespace}\0{caption}".encode()).hexdigest()[:24]
         return self.cache_dir / f"te-{digest}.npz"
+
+    def _read(self, path: Path, caption: str) -> dict[str, torch.Tensor] | None:
+        data = _load_npz(path)
+        if data is None:
+            return None
+        if (str(data.get("caption", "")), str(data.get("namespace", ""))) != (caption, self.namespace):
+            return None  # another caption, a hash collision or another encoder setup
+        self._form = self._form or str(data["form"])
+        return {k[4:]: torch.from_numpy(v) for k, v in data.items() if k.startswith("out:")}
+
+    def _write(self, path: Path, caption: str, row: dict[str, torch.Tensor]) -> None:
+        arrays = {f"out:{k}": _to_numpy(v) for k, v in row.items()}
+        arrays.update(caption=np.array(caption), namespace=np.array(self.namespace), form=np.array(self._form))
+        _save_npz_atomic(path, arrays)
 
     def _lookup(self, caption: str) -> dict[str, torch.Tensor] | None:
         if caption in self._memory:
             return self._memory[caption]
-        if not self.to_disk:
-            return None
-        data = _load_npz(self._path(caption))
-        if data is None:
-            return None
-        if (str(data.get("caption", "")), str(data.get("namespace", ""))) != (caption, self.namespace):
-            return None  # a hash collision or another encoder setup
-        self._form = self._form or str(data["form"])
-        return {k[4:]: torch.from_numpy(v) for k, v in data.items() if k.startswith("out:")}
+        path = self._path(caption) if self.to_disk else None
+        return None if path is None else self._read(path, caption)
+
+    def _store(self, caption: str, row: dict[str, torch.Tensor]) -> None:
+        path = self._path(caption) if self.to_disk else None
+        if path is None:
+            self._memory[caption] = row
+        else:
+            self._write(path, caption, row)
 
     def _encode(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         with torch.no_grad():
@@ -239,24 +276,44 @@ class TextEmbeddingCache:
                 f"encode must return a tensor, a tuple or a dict of tensors, got {type(out).__name__}"
             )
         self._form = form
-        rows = []
-        for i, caption in enumerate(captions):
-            row = {k: v[i].detach().to("cpu") for k, v in named.items()}
-            rows.append(row)
-            if self.to_disk:
-                arrays = {f"out:{k}": _to_numpy(v) for k, v in row.items()}
-                arrays.update(caption=np.array(caption), namespace=np.array(self.namespace),
-                              form=np.array(form))
-                _save_npz_atomic(self._path(caption), arrays)
-            else:
-                self._memory[caption] = row
-        return rows
+        return [{k: v[i].detach().to("cpu") for k, v in named.items()} for i in range(len(captions))]
 
-    def fill(self, captions: Iterable[str], *, batch_size: int = 8) -> int:
-        """Encode every distinct caption not cached yet; returns how many were encoded."""
+    def fill(self, captions: Iterable[str], *, batch_size: int = 8,
+             images: Sequence[str | Path] | None = None) -> int:
+        """Encode every distinct caption not cached yet, ``batch_size`` per `encode` call; returns how many
+        were encoded. ``images``: the image of each caption (same order), where the files go when they are
+        kept beside the images."""
+        if self.beside_images:
+            return self._fill_beside(list(captions), images, batch_size)
         todo = [c for c in dict.fromkeys(captions) if self._lookup(c) is None]
         for i in range(0, len(todo), batch_size):
-            self._encode(todo[i:i + batch_size])
+            chunk = todo[i:i + batch_size]
+            for caption, row in zip(chunk, self._encode(chunk)):
+                self._store(caption, row)
+        return len(todo)
+
+    def _fill_beside(self, captions: list[str], images: Sequence[str | Path] | None, batch_size: int) -> int:
+        if images is None or len(images) != len(captions):
+            raise ValueError("a text-encoder cache beside the images needs one image per caption: "
+                             "fill(captions, images=...)")
+        stale: dict[str, list[Path]] = {}  # caption -> its images' files that are missing or out of date
+        for caption, image in zip(captions, images):
+            path = self.beside_path(Path(image))
+            if self._read(path, caption) is None:
+                stale.setdefault(caption, []).append(path)
+            else:
+                self._files.setdefault(caption, path)
+        todo = [c for c in stale if c not in self._files]
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            for caption, row in zip(chunk, self._encode(chunk)):
+                for path in stale[caption]:
+                    self._write(path, caption, row)
+                self._files[caption] = stale[caption][0]
+        for caption in stale.keys() - set(todo):  # the caption of another image too: copy its outputs
+            row = self._read(self._files[caption], caption)
+            for path in stale[caption]:
+                self._write(path, caption, row)
         return len(todo)
 
     def get(self, captions: Sequence[str]) -> Any:
@@ -265,6 +322,8 @@ class TextEmbeddingCache:
         missing = list(dict.fromkeys(c for c, r in zip(captions, rows) if r is None))
         if missing:
             fresh = dict(zip(missing, self._encode(missing)))
+            for caption, row in fresh.items():
+                self._store(caption, row)
             rows = [r if r is not None else fresh[c] for c, r in zip(captions, rows)]
         keys = list(rows[0])  # type: ignore[index]
         stacked = {k: torch.stack([r[k] for r in rows]) for k in keys}  # type: ignore[index]

@@ -274,16 +274,18 @@ class TrainingDataset(torch.utils.data.Dataset):
     def fixed_captions(self) -> list[str]:
         """Every caption training will use, for a text-encoder cache; only defined when captions do
         not change between steps."""
+        return list(dict.fromkeys(caption for caption, _ in self.fixed_caption_images()))
+
+    def fixed_caption_images(self) -> list[tuple[str, Path]]:
+        """(caption, image) of every image, for a text-encoder cache kept beside the images; only defined
+        when captions do not change between steps."""
         varying = sorted({str(r.subset.image_dir) for r in self.records if r.subset.captions_vary})
         if varying:
             raise ConfigError(f"captions of {', '.join(varying)} change every step (shuffle, dropout or wildcards), so "
                               "text encoder outputs cannot be cached; turn those off or the caching")
         # No randomness is left to draw; the generator is only there to satisfy the signature.
         rng = random.Random(0)
-        return list(dict.fromkeys(
-            transform_caption(r.caption, rng, **r.subset.caption_options())
-            for r in self.records
-        ))
+        return [(transform_caption(r.caption, rng, **r.subset.caption_options()), r.path) for r in self.records]
 
     # --- reporting ---
 

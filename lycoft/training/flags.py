@@ -212,6 +212,33 @@ class TrainConfig:
     sdpa: bool = flag(False, "Use PyTorch scaled-dot-product attention (memory-efficient, no extra "
                       "package).", group="precision")
 
+    # --- memory and speed ---
+    fp8_base: bool = flag(
+        False, "Store the frozen base model's Linear/Conv weights (UNet and text encoders) in float8, upcast "
+        "per layer at use: about half the memory of fp16/bf16 weights. The adapter trains against the "
+        "float8-rounded base exactly; norms, biases and embeddings keep --mixed_precision's dtype.",
+        group="memory")
+    fp8_base_unet: bool = flag(
+        False, "Like --fp8_base, for the UNet only (the text encoders keep --mixed_precision's dtype).",
+        group="memory")
+    highvram: bool = flag(
+        False, "Keep the GPU's cached memory while caching latents. By default it is released after every "
+        "VAE batch, so that the VAE's activations leave no fragments behind on a small GPU.", group="memory")
+    torch_compile: bool = flag(
+        False, "Compile the UNet with torch.compile (--dynamo_backend): faster steps after a slow first step "
+        "and one recompilation per new bucket size.", group="memory")
+    dynamo_backend: str = flag(
+        "inductor", "torch.compile backend of --torch_compile: inductor (fused kernels; needs a C++ "
+        "compiler, Triton on GPUs), aot_eager or eager (debugging), or another that torch lists; 'no' = "
+        "no compilation.", group="memory")
+    cache_text_encoder_outputs_to_disk: bool = flag(
+        False, "Also keep the cached text-encoder outputs on disk, one '<image>.lycoft-te.npz' beside each "
+        "image, reused across runs while the caption, the text encoders and their settings are unchanged. "
+        "Implies --cache_text_encoder_outputs.", group="caching")
+    text_encoder_batch_size: int | None = flag(
+        None, "Captions per text-encoder call while caching text-encoder outputs; unset = the training "
+        "batch size. Larger = faster caching, more memory.", group="caching")
+
     # --- optimizer ---
     optimizer_type: str = flag(
         "AdamW", "AdamW, AdamW8bit (bitsandbytes; less memory), Prodigy (learns its own step size: "

@@ -45,7 +45,7 @@ GUI_KEYS: frozenset[str] = frozenset((
     "save_clip", "save_t5xxl", "show_timesteps", "show_timesteps_resolution", "sigmoid_scale",
     "single_blocks_to_swap", "split_attn", "split_mode", "stop_text_encoder_training", "system_prompt",
     "t5_dropout_rate", "t5_max_token_length", "t5_tokenizer_path", "t5xxl", "t5xxl_device", "t5xxl_dtype",
-    "t5xxl_max_token_length", "text_encoder", "text_encoder_batch_size", "text_encoder_cpu", "timestep_sampling",
+    "t5xxl_max_token_length", "text_encoder", "text_encoder_cpu", "timestep_sampling",
     "train_inpainting", "unsloth_offload_checkpointing", "use_flash_attn", "use_sage_attn", "vae_chunk_size",
     "vae_disable_cache", "weighting_scheme",
 ))
@@ -74,14 +74,10 @@ UNSUPPORTED: dict[str, Unsupported] = {
     # models and memory
     "tokenizer_cache_dir": Unsupported("lycoft bundles the CLIP tokenizers and never downloads them; drop it"),
     "mem_eff_attn": Unsupported("lycoft always uses PyTorch's memory-efficient attention (SDPA); drop it", False),
-    "torch_compile": Unsupported(_NOT_YET, False),
-    "dynamo_backend": Unsupported(_NOT_YET, "inductor"),
-    "fp8_base": Unsupported(f"{_NOT_YET}; use --mixed_precision bf16 and --gradient_checkpointing for memory",
-                            False),
-    "fp8_base_unet": Unsupported(f"{_NOT_YET}; use --mixed_precision bf16 and --gradient_checkpointing for "
-                                 "memory", False),
-    "lowram": Unsupported(_NOT_YET, False),
-    "highvram": Unsupported(_NOT_YET, False),
+    "lowram": Unsupported("sd-scripts then reads the checkpoint straight into VRAM and keeps the UNet and VAE "
+                          "there while caching text; lycoft reads it into RAM (diffusers) and moves every model to "
+                          "the GPU right after, where they stay: there is no direct-to-VRAM loading; drop it",
+                          False),
     "disable_mmap_load_safetensors": Unsupported(_NOT_YET, False),
     "cpu_offload_checkpointing": Unsupported(f"{_NOT_YET}; use --gradient_checkpointing", False),
     "fused_backward_pass": Unsupported("it fuses the optimizer step into backward for full fine-tuning with "
@@ -125,8 +121,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "alpha_mask": Unsupported(_NOT_YET, False),
     "masked_loss": Unsupported(_NOT_YET, False),
     "conditioning_data_dir": Unsupported(_NOT_YET),
-    "cache_text_encoder_outputs_to_disk": Unsupported(f"{_NOT_YET}; --cache_text_encoder_outputs keeps them in "
-                                                      "memory", False),
     # optimizer and schedule
     "use_8bit_adam": Unsupported("kohya's old spelling; use --optimizer_type AdamW8bit", False),
     "use_lion_optimizer": Unsupported("kohya's old spelling; use --optimizer_type Lion", False),

@@ -10,7 +10,8 @@
 4. `load_base_model`: the base model (`models.load_models`), class images for prior preservation if
    missing, the dataset and prompts again where their defaults depend on the model's family;
 5. `build_adapter`: the adapter network (`build_network`: `lycoft.inject`) and the text conditioner;
-6. `fill_caches`: latent and text-embedding caches; `place_adapter`: gradient checkpointing, dtype, device;
+6. `fill_caches`: latent and text-embedding caches; `place_adapter`: gradient checkpointing, float8 base,
+   dtype, device, compilation;
 7. `plan_steps`: this rank's batches of an epoch, and the optimizer steps per epoch and in all;
 8. `prepare_training`: parameter groups, the optimizer and the accelerate wrapping (`AdaptedDenoiser`);
 9. `resume_state`: the counters and accelerate checkpoint of ``--resume``; then the LR schedule at that step;
@@ -49,13 +50,14 @@ from lycoft.checkpoints.families import family_info
 from lycoft.network import Network, inject
 from lycoft.training import models as base_model
 from lycoft.training import tracking
-from lycoft.training.caching import LatentCache, TextEmbeddingCache
+from lycoft.training.caching import LatentCache, TextEmbeddingCache, weights_fingerprint
 from lycoft.training.conditioning import TextConditioner
 from lycoft.training.config import parse_args
 from lycoft.training.config_files import save_config_toml
 from lycoft.training.dataset import TrainingDataset, build_dataset
 from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
+from lycoft.training.fp8_base import store_base_in_float8
 from lycoft.training.metadata import step_metadata, training_metadata
 from lycoft.training.optimizers import build_optimizer, resolve_optimizer
 from lycoft.training.prior import generate_class_images, missing_class_images
@@ -283,24 +285,33 @@ def build_adapter(cfg: TrainConfig, accelerator: Accelerator, models: base_model
 # 6. ---------------------------------------------------------------------------------------------------
 def fill_caches(cfg: TrainConfig, accelerator: Accelerator, dataset: TrainingDataset, models: base_model.Models,
                 conditioner: TextConditioner, train_text: bool) -> TextEmbeddingCache | None:
-    """Encode latents (``--cache_latents[_to_disk]``) and text (``--cache_text_encoder_outputs``) once;
-    returns the text cache or None. The main process fills a disk cache first, the others reuse it."""
+    """Encode latents (``--cache_latents[_to_disk]``) and text (``--cache_text_encoder_outputs[_to_disk]``)
+    once; returns the text cache or None. The main process fills a disk cache first, the others reuse it.
+    Without ``--highvram`` the GPU's cached memory is released after every VAE batch."""
     if cfg.cache_latents or cfg.cache_latents_to_disk:
         cache = LatentCache(functools.partial(_latent_means, models, accelerator.device),
                             to_disk=cfg.cache_latents_to_disk)
+        release = None if cfg.highvram else lambda done, total: base_model.release_cached_memory(accelerator.device)
         with accelerator.main_process_first():
-            encoded = dataset.cache_latents(cache, batch_size=cfg.vae_batch_size)
+            encoded = dataset.cache_latents(cache, batch_size=cfg.vae_batch_size, progress=release)
         if accelerator.is_main_process:
             logger.info("latent cache: %d image(s) encoded, %d reused", encoded,
                         len(dataset.latent_requests()) - encoded)
-    if not cfg.cache_text_encoder_outputs:
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
         return None
     if train_text:
         raise ConfigError("--cache_text_encoder_outputs needs frozen text encoders, but the adapter has "
                           "text-encoder modules; add --network_train_unet_only")
-    text_cache = TextEmbeddingCache(conditioner.as_tuple, namespace=conditioner.namespace())
-    with torch.no_grad(), accelerator.autocast():
-        text_cache.fill(dataset.fixed_captions())
+    namespace = f"{conditioner.namespace()}/weights={weights_fingerprint(models.text_encoders)}"
+    text_cache = TextEmbeddingCache(conditioner.as_tuple, to_disk=cfg.cache_text_encoder_outputs_to_disk,
+                                    namespace=namespace)
+    pairs = dataset.fixed_caption_images()
+    batch_size = cfg.text_encoder_batch_size or max(ds.batch_size for ds in dataset.datasets)
+    with torch.no_grad(), accelerator.autocast(), accelerator.main_process_first():
+        encoded = text_cache.fill([c for c, _ in pairs], batch_size=batch_size, images=[i for _, i in pairs])
+    if accelerator.is_main_process:
+        logger.info("text-encoder cache: %d caption(s) encoded, %d reused", encoded,
+                    len({c for c, _ in pairs}) - encoded)
     return text_cache
 
 
@@ -312,14 +323,18 @@ def _latent_means(models: base_model.Models, device: torch.device, pixels: torch
 
 def place_adapter(cfg: TrainConfig, accelerator: Accelerator, models: base_model.Models, network: Network,
                   train_text: bool) -> None:
-    """Gradient checkpointing (``--gradient_checkpointing``), the adapter's dtype (``--full_fp16/bf16``) and
-    device, training mode."""
+    """Gradient checkpointing (``--gradient_checkpointing``), float8 base weights (``--fp8_base[_unet]``),
+    the adapter's dtype (``--full_fp16/bf16``) and device, training mode, a compiled UNet (``--torch_compile``)."""
     if cfg.gradient_checkpointing:
         base_model.enable_gradient_checkpointing(models, text_encoders=train_text)
+    if cfg.fp8_base or cfg.fp8_base_unet:  # after the caches, which encode with the full-precision models
+        store_base_in_float8(models.unet, [] if cfg.fp8_base_unet else models.text_encoders, network)
     if cfg.full_fp16 or cfg.full_bf16:
         network.to(torch.float16 if cfg.full_fp16 else torch.bfloat16)
     network.to(accelerator.device)
     network.train()
+    if cfg.torch_compile:
+        base_model.compile_unet(models, cfg.dynamo_backend)
 
 
 # 7. ---------------------------------------------------------------------------------------------------

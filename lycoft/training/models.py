@@ -148,3 +148,20 @@ def enable_gradient_checkpointing(models: Models, text_encoders: bool) -> None:
         for te in models.text_encoders:
             te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             te.train()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the memory PyTorch's allocator keeps cached on `device` back to the driver (nothing on a CPU).
+    Called after each VAE batch of latent caching unless ``--highvram``, as kohya sd-scripts does: batches of
+    other bucket sizes leave fragments that a small GPU then lacks for training."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and backend is not None and hasattr(backend, "empty_cache"):
+        backend.empty_cache()
+
+
+def compile_unet(models: Models, backend: str) -> None:
+    """``--torch_compile``: the UNet compiled in place with `backend` (the module and its state-dict names
+    stay, so adapters, saving and sampling see the same UNet). The first step compiles; a new bucket size
+    compiles again."""
+    models.unet.compile(backend=backend)
+    logger.info("the UNet is compiled with torch.compile (backend %s) at its first step", backend)

@@ -32,6 +32,7 @@ from lycoft.checkpoints.families import detect_family_from_unet, pipeline_text_e
 from lycoft.training.conditioning import TextConditioner, TextConditioning
 from lycoft.training.config_files import read_toml
 from lycoft.training.errors import ConfigError
+from lycoft.training.fp8_base import compute_dtype
 from lycoft.training.sampler import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def _prompt_kwargs(pipe: Any, conditioner: TextConditioner, p: SamplePrompt) -> 
     diffusers' own encoding would differ from training for ``--clip_skip`` and ``--max_token_length``
     (and its clip-skip path breaks on transformers versions without CLIP's ``text_model`` wrapper).
     """
-    dtype = pipe.unet.dtype
+    dtype = compute_dtype(pipe.unet)  # not unet.dtype: a float8 base reports float8
     pos = conditioner.encode([p.prompt])
     zeros_for_empty = pos.pooled is not None and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
     if not p.negative_prompt and zeros_for_empty:

@@ -34,6 +34,7 @@ from lycoft.training.caching import TextEmbeddingCache
 from lycoft.training.conditioning import TextConditioner, sdxl_time_ids
 from lycoft.training.dataset import TrainingDataset
 from lycoft.training.flags import TrainConfig
+from lycoft.training.fp8_base import compute_dtype
 from lycoft.training.models import Models
 from lycoft.training.noise import perturb_input_noise, sample_noise, sample_timesteps
 from lycoft.training.sampler import derive_seed
@@ -105,7 +106,7 @@ class AdaptedDenoiser(nn.Module):
             with grad:
                 text = self.__dict__["_conditioner"].encode(captions)
             hidden, pooled = text.hidden, text.pooled
-        dtype = unet.dtype
+        dtype = compute_dtype(unet)  # not unet.dtype: a float8 base reports float8
         added = {}
         if self.family.pooled_text_embeds:
             added["text_embeds"] = pooled.to(dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lycoft.checkpoints.families import SD2, SDXL
 from lycoft.training.dataset_config import datasets_from_config
-from lycoft.training.errors import ConfigError
+from lycoft.training.errors import ConfigError, did_you_mean
 from lycoft.training.flags import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _caching(cfg: TrainConfig, p: _Problems) -> None:
     if (cfg.cache_latents or cfg.cache_latents_to_disk) and cfg.random_crop:
         p.append("--random_crop cannot be used with --cache_latents: a cached latent has one fixed crop; "
                  "drop one of them")
-    if cfg.cache_text_encoder_outputs:
+    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
         if not cfg.network_train_unet_only:
             p.append("--cache_text_encoder_outputs needs a frozen text encoder: add "
                      "--network_train_unet_only")
@@ -119,6 +119,30 @@ def _caching(cfg: TrainConfig, p: _Problems) -> None:
             p.append(f"--cache_text_encoder_outputs needs fixed captions, but {names} change them every "
                      "step; drop those or the caching")
     p.positive("vae_batch_size")
+
+
+def _memory_and_speed(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of float8 storage, memory release, compilation and text-encoder batches."""
+    p.positive("text_encoder_batch_size")
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
+        _warn_unused(cfg, ("text_encoder_batch_size",), "--cache_text_encoder_outputs unset")
+    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
+        _warn_unused(cfg, ("highvram",), "--cache_latents unset (it only changes latent caching)")
+    if not cfg.torch_compile:
+        if cfg.dynamo_backend != "no":  # 'no' is what the kohya_ss GUI writes when nothing is compiled
+            _warn_unused(cfg, ("dynamo_backend",), "--torch_compile unset")
+        return
+    if cfg.dynamo_backend == "no":
+        p.append("--torch_compile with --dynamo_backend no: pick a backend (inductor, aot_eager, eager) or drop "
+                 "--torch_compile")
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.dynamo_backend not in backends:
+        usual = [b for b in ("inductor", "aot_eager", "eager", "cudagraphs") if b in backends]
+        p.append(f"--dynamo_backend {cfg.dynamo_backend!r} is not a torch.compile backend of this PyTorch; use "
+                 f"{', '.join(usual)}{did_you_mean(cfg.dynamo_backend, backends)}")
 
 
 def _steps_and_batches(cfg: TrainConfig, p: _Problems) -> None:
@@ -297,6 +321,7 @@ def validate(cfg: TrainConfig) -> None:
     _buckets_and_sizes(cfg, p)
     _captions(cfg, p)
     _caching(cfg, p)
+    _memory_and_speed(cfg, p)
     _steps_and_batches(cfg, p)
     _precision(cfg, p)
     _optimizer_and_schedule(cfg, p)
