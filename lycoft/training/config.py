@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str] | None = None, *, check: bool = True) -> Trai
     values = {name: f.default for name, f in table.items()}
     config_path = from_cli.get("config")
     if config_path:
-        from_toml = load_config_toml(config_path)
+        from_toml = load_config_toml(config_path, overridden=from_cli.keys())
         _command_line_wins(from_toml, from_cli)
         values.update(from_toml)
     values.update(from_cli)

@@ -4,6 +4,7 @@ and writing a resolved `TrainConfig` back so that ``--config`` reproduces it."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,11 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
 
 
-def load_config_toml(path: str | Path) -> dict[str, Any]:
+def load_config_toml(path: str | Path, overridden: Collection[str] = ()) -> dict[str, Any]:
     """A training TOML (flat, or kohya-style sections that are flattened) -> checked flag values.
+
+    ``overridden``: flags the command line gives; the file's values for them are never used, so they are
+    left out unchecked (a kohya file's ``network_module = "networks.lora"`` beside ``--network_module lycoft``).
 
     A kohya config loads as sd-scripts reads it: kohya's spellings (`kohya_flags.ALIASES`) are taken, a
     kohya flag lycoft does not take is accepted at its default (it does nothing there either) and refused
@@ -90,7 +94,7 @@ def load_config_toml(path: str | Path) -> dict[str, Any]:
                        "them): %s", path, ", ".join(ignored))
     return {
         key: check_value(table[key], value, f"key {key!r} in {section} of {path}")
-        for key, (value, section) in found.items()
+        for key, (value, section) in found.items() if key not in overridden
     }
 
 
