@@ -287,11 +287,14 @@ def load(
 
 
 def attach_specs(net: Network, specs: Mapping[str, ModuleSpec], unet: nn.Module | None,
-                 text_encoders: Sequence[nn.Module], path: str = "<tensors>", allow_partial: bool = False) -> None:
+                 text_encoders: Sequence[nn.Module], path: str = "<tensors>", allow_partial: bool = False,
+                 settings: Mapping[str, Any] | None = None) -> None:
     """Create one adapter per file module on the layer it names and copy the file's values into it.
 
     Keys that match no layer are an error naming them, unless ``allow_partial`` (then a warning; still an
-    error when nothing matches). A layer of another width is always an error.
+    error when nothing matches). A layer of another width is always an error. ``settings``: `AdapterConfig`
+    fields that replace the file's for every module (options a file does not fix, such as dropout to train
+    with).
     """
     index = candidate_index(unet, text_encoders, net.family)
     unmatched: list[str] = []
@@ -307,7 +310,8 @@ def attach_specs(net: Network, specs: Mapping[str, ModuleSpec], unet: nn.Module 
                 f"{path}: {key} rotates {spec.layout_dim} channels ({tuple(spec.blocks.shape)}) but "
                 f"{comp} layer {mpath} has {dim}; the adapter was trained for another model or family"
             )
-        layer = net.add(Target(comp, mpath, key, module, spec.config()), layout=spec.layout())
+        config = spec.config().replace(**settings) if settings else spec.config()
+        layer = net.add(Target(comp, mpath, key, module, config), layout=spec.layout())
         copy_into(layer, spec)
     if unmatched:
         shown = ", ".join(unmatched[:10]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 10 else "")

@@ -113,6 +113,10 @@ class TrainConfig:
     max_data_loader_n_workers: int = flag(
         8, "Data loader worker processes (0 = load in the training process), capped at the CPU "
         "count. More workers hide image decoding; each costs memory.", group="data")
+    persistent_data_loader_workers: bool = flag(
+        True, "Keep the data loader's worker processes alive between epochs (no restart pause at each "
+        "epoch, a little more memory). lycoft keeps them by default, where kohya's default is off; false "
+        "restarts them every epoch, as kohya does without this flag.", group="data")
 
     # --- captions ---
     caption_extension: str = flag(
@@ -328,6 +332,17 @@ class TrainConfig:
         "reported and ignored. Block dropout is network_args module_dropout=<p>.", group="network")
     network_weights: str | None = flag(
         None, "Start from these adapter weights (a warm start, not a resume).", group="network")
+    dim_from_weights: bool = flag(
+        False, "Build the network the --network_weights file describes (its layers, algo, block size and "
+        "butterfly stages) instead of the one --network_dim/--network_args describe; training options "
+        "(module_dropout, constraint, path, neumann_terms) still come from --network_args.", group="network")
+    base_weights: list[str] = flag(
+        [], "OFT/BOFT adapter files merged into the base model before training (the new adapter then "
+        "trains on top of them). LoRA files cannot be merged here: merge them into the checkpoint first.",
+        group="network", kind="files")
+    base_weights_multiplier: list[float] | None = flag(
+        None, "Strength of each --base_weights file, in order; missing ones are 1.", group="network",
+        kind="numbers")
     network_train_unet_only: bool = flag(
         False, "Adapt the UNet only: faster, less memory, needed to cache text encoder outputs.",
         group="network")
@@ -363,6 +378,34 @@ class TrainConfig:
         None, "Continue from a state folder written by --save_state (step and epoch carry over); 'auto': "
         "from the newest state of --output_name in --output_dir (by step), or from scratch if there is none, "
         "for restart-until-done loops.", group="saving")
+    save_n_epoch_ratio: int | None = flag(
+        None, "Save about N adapters over the run, evenly: every floor(epochs / N) epochs (at least every "
+        "epoch); replaces --save_every_n_epochs.", group="saving")
+    save_last_n_steps_state: int | None = flag(
+        None, "Delete step states older than N steps, apart from the adapters (which --save_last_n_steps "
+        "prunes); unset = --save_last_n_steps. States are large, adapters small: keep many adapters and "
+        "few states.", group="saving")
+    save_last_n_epochs_state: int | None = flag(
+        None, "Keep only the last N epoch states, apart from the adapters (which --save_last_n_epochs "
+        "prunes); unset = --save_last_n_epochs.", group="saving")
+    save_state_on_train_end: bool = flag(
+        False, "Save the training state with the final adapter ('<output_name>-state'), even without "
+        "--save_state: the run can be continued later with --resume and more steps.", group="saving")
+
+    # --- where the step count starts ---
+    initial_step: int | None = flag(
+        None, "Start counting at this step (0 = the first), as if the steps before it were done: saves, "
+        "samples, the LR schedule and the end (--max_train_steps counts them) follow the count. The data "
+        "starts at the beginning of that step's epoch unless --skip_until_initial_step. Beats "
+        "--initial_epoch; ignored when --resume finds a state (the state's count continues).",
+        group="start")
+    initial_epoch: int | None = flag(
+        None, "Start counting at this epoch (1 = the first): --initial_step at the epoch's first step.",
+        group="start")
+    skip_until_initial_step: bool = flag(
+        False, "With --initial_step: also skip the data of the steps before it, so the run sees the batches "
+        "an uninterrupted run would have seen from there (noise draws follow the step count either way).",
+        group="start")
 
     # --- metadata (the adapter file's; kohya's flags, SAI model-spec keys) ---
     no_metadata: bool = flag(
@@ -403,11 +446,39 @@ class TrainConfig:
     log_with: str | None = flag(
         None, "Logger: tensorboard, wandb or all; unset with --logging_dir = tensorboard.",
         group="logging", choices=("tensorboard", "wandb", "all"))
+    log_prefix: str | None = flag(
+        None, "Log into a new folder per run, <logging_dir>/<log_prefix><YYYYmmddHHMMSS>, as kohya names them; "
+        "unset = <logging_dir> itself, where a resumed run continues its logs.", group="logging")
+    log_tracker_name: str | None = flag(
+        None, "The trackers' project name (TensorBoard's subfolder, the W&B project); unset = --output_name.",
+        group="logging")
+    log_tracker_config: str | None = flag(
+        None, "A TOML file of keyword arguments for the trackers, one table per tracker (e.g. [wandb] "
+        "entity = 'me', tags = ['oft']; [tensorboard] flush_secs = 30).", group="logging")
+    wandb_run_name: str | None = flag(
+        None, "The W&B run's name (unless --log_tracker_config names it).", group="logging")
+    log_config: bool = flag(
+        False, "Send the training settings to the trackers (TensorBoard hparams, the W&B config), without "
+        "paths (model, data, output, files), which may name users and machines. The full settings are "
+        "always saved as <output_name>-config.toml.", group="logging")
+
+    # --- the console log (train_network.py's; a Python caller of `train` sets up logging itself) ---
+    console_log_level: str | None = flag(
+        None, "Log level of the console log; unset = INFO (other processes: WARNING).", group="console",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    console_log_file: str | None = flag(
+        None, "Write the log into this file (overwritten) instead of the console; the progress bar and "
+        "errors still go to the console.", group="console")
+    console_log_simple: bool = flag(
+        False, "Log lines with the message only (no time, level and logger name).", group="console")
 
     # --- the config file itself (command line only) ---
     config: str | None = flag(
         None, "TOML file with any of these flags as keys (flat, or in sections like kohya's "
         "--config_file); the command line overrides it.", group="config")
+    output_config: bool = flag(
+        False, "Write the flags given on the command line (those not at their defaults) to the --config path "
+        "as a TOML file, and exit without training; an existing file is never overwritten.", group="config")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)
@@ -457,6 +528,22 @@ class TrainConfig:
         """``--max_data_loader_n_workers`` capped at the CPU count (as kohya does)."""
         return min(self.max_data_loader_n_workers, os.cpu_count() or 1)
 
+    def epoch_save_interval(self, num_epochs: int) -> int | None:
+        """Epochs between adapter saves: ``--save_n_epoch_ratio`` N saves about N times over `num_epochs`
+        (kohya's floor(epochs / N), at least every epoch), else ``--save_every_n_epochs``."""
+        if self.save_n_epoch_ratio:
+            return max(1, num_epochs // self.save_n_epoch_ratio)
+        return self.save_every_n_epochs
+
+    def start_step(self, steps_per_epoch: int) -> int | None:
+        """The step count a fresh run starts at: ``--initial_step``, else ``--initial_epoch``'s first step
+        ((epoch - 1) x steps per epoch); None when neither is given."""
+        if self.initial_step is not None:
+            return self.initial_step
+        if self.initial_epoch is not None:
+            return (self.initial_epoch - 1) * steps_per_epoch
+        return None
+
     def warmup_steps(self, total_steps: int) -> int:
         """`--lr_warmup_steps` in steps: a fraction < 1 is a share of `total_steps`."""
         if isinstance(self.lr_warmup_steps, float):
@@ -483,7 +570,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Flag:
     name: str
-    kind: str  # bool, int, float, floats, str, list, resolution, warmup
+    kind: str  # bool, int, float, floats, numbers, str, list, files, resolution, warmup
     nullable: bool
     default: Any
     help: str
@@ -520,6 +607,8 @@ _EXPECTED = {
     "str": "a string",
     "list": "a list of strings",
     "floats": "one number, or two for SDXL's two text encoders",
+    "numbers": "one or more numbers",
+    "files": "a list of file paths",
     "resolution": "a size like 512 or '512,768'",
     "warmup": "an integer step count or a fraction < 1",
 }
@@ -531,9 +620,9 @@ def _type_error(f: Flag, value: Any, where: str) -> ConfigError:
 
 def value_from_text(f: Flag, text: str | list[str], where: str) -> Any:
     """Turn command-line text into the Python value a TOML file would have given."""
-    if f.kind == "list":
+    if f.kind in ("list", "files"):
         return list(text)
-    if f.kind == "floats":
+    if f.kind in ("floats", "numbers"):
         try:
             return [float(t) for t in text]
         except ValueError:
@@ -571,10 +660,10 @@ def check_value(f: Flag, value: Any, where: str) -> Any:
         if not is_number:
             raise _type_error(f, value, where)
         value = float(value)
-    elif kind == "list":
+    elif kind in ("list", "files"):
         if isinstance(value, str):
             value = [value]
-        elif isinstance(value, Mapping):  # `network_args = {algo = "oft"}` reads naturally in TOML
+        elif kind == "list" and isinstance(value, Mapping):  # `network_args = {algo = "oft"}` reads naturally in TOML
             value = [f"{k}={_toml_scalar_text(v)}" for k, v in value.items()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _type_error(f, value, where)
@@ -582,6 +671,11 @@ def check_value(f: Flag, value: Any, where: str) -> Any:
         items = value if isinstance(value, list) else [value]
         if not items or len(items) > 2 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            raise _type_error(f, value, where)
+        value = [float(v) for v in items]
+    elif kind == "numbers":
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
             raise _type_error(f, value, where)
         value = [float(v) for v in items]
     elif kind == "resolution":

@@ -176,9 +176,7 @@ def step_seed(seed: int, kind: int, step: int, micro: int, rank: int) -> int:
 def train_epochs(run: Run) -> None:
     """Train from `run.state` to the last step (a sample first with ``--sample_at_first``)."""
     cfg = run.cfg
-    loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=run.batches,
-                                         num_workers=cfg.data_loader_workers(),
-                                         persistent_workers=cfg.data_loader_workers() > 0)
+    loader = data_loader(cfg, run.dataset, run.batches)
     if cfg.sample_at_first and run.prompts and run.state.global_step == 0:
         sample(run, f"{0:06d}")
     progress = tqdm(total=run.steps.total, initial=run.state.global_step, disable=not run.main, desc="steps",
@@ -186,6 +184,14 @@ def train_epochs(run: Run) -> None:
     while run.state.global_step < run.steps.total:
         train_epoch(run, loader, progress)
     progress.close()
+
+
+def data_loader(cfg: TrainConfig, dataset: Any, batches: Any) -> torch.utils.data.DataLoader:
+    """The loader of `batches` (a batch sampler) from `dataset`: ``--max_data_loader_n_workers`` worker
+    processes, kept alive between epochs unless ``--persistent_data_loader_workers false``."""
+    workers = cfg.data_loader_workers()
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       persistent_workers=cfg.persistent_data_loader_workers and workers > 0)
 
 
 def train_epoch(run: Run, loader: torch.utils.data.DataLoader, progress: tqdm) -> None:

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from lycoft.checkpoints.families import SD2, SDXL
+from lycoft.training.config_files import read_tracker_config
 from lycoft.training.dataset_config import datasets_from_config
 from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
@@ -267,7 +268,7 @@ def _saving_and_sampling(cfg: TrainConfig, p: _Problems) -> None:
         p.positive(name)
     if cfg.save_last_n_steps and not cfg.save_every_n_steps:
         p.append("--save_last_n_steps needs --save_every_n_steps (there are no step saves to prune)")
-    if cfg.save_last_n_epochs and not cfg.save_every_n_epochs:
+    if cfg.save_last_n_epochs and not (cfg.save_every_n_epochs or cfg.save_n_epoch_ratio):
         p.append("--save_last_n_epochs needs --save_every_n_epochs (there are no epoch saves to prune)")
     if not cfg.output_name or any(c in cfg.output_name for c in "/\\"):
         p.append(f"--output_name {cfg.output_name!r} must be a plain file name; put folders in --output_dir")
@@ -285,6 +286,62 @@ def _saving_and_sampling(cfg: TrainConfig, p: _Problems) -> None:
         p.append(f"--metadata_thumbnail {thumbnail!r} is neither an image file nor a data URL")
     if cfg.log_with and not cfg.logging_dir and cfg.log_with != "wandb":
         p.append(f"--log_with {cfg.log_with} needs --logging_dir (where tensorboard writes)")
+
+
+def _states_and_start(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of state pruning, the epoch save ratio, the end-of-training state and the starting step."""
+    for name in ("save_n_epoch_ratio", "save_last_n_steps_state", "save_last_n_epochs_state", "initial_epoch"):
+        p.positive(name)
+    if cfg.save_last_n_steps_state and not (cfg.save_every_n_steps and cfg.save_state):
+        p.append("--save_last_n_steps_state needs --save_every_n_steps and --save_state (there are no step states "
+                 "to prune)")
+    if cfg.save_last_n_epochs_state and not ((cfg.save_every_n_epochs or cfg.save_n_epoch_ratio) and cfg.save_state):
+        p.append("--save_last_n_epochs_state needs --save_every_n_epochs (or --save_n_epoch_ratio) and --save_state "
+                 "(there are no epoch states to prune)")
+    if cfg.save_n_epoch_ratio and cfg.save_every_n_epochs:
+        logger.info("--save_n_epoch_ratio %d replaces --save_every_n_epochs %d (kohya's rule)", cfg.save_n_epoch_ratio,
+                    cfg.save_every_n_epochs)
+    if cfg.initial_step is not None and cfg.initial_step < 0:
+        p.append(f"--initial_step must be >= 0 (0 = the first step), got {cfg.initial_step}")
+    elif cfg.initial_step is not None and not cfg.max_train_epochs and cfg.initial_step >= cfg.max_train_steps:
+        p.append(f"--initial_step {cfg.initial_step} leaves nothing to train: --max_train_steps is "
+                 f"{cfg.max_train_steps} (it counts the skipped steps too); raise it")
+    if cfg.skip_until_initial_step and cfg.initial_step is None and cfg.initial_epoch is None:
+        logger.warning("--skip_until_initial_step has no effect without --initial_step or --initial_epoch (--resume "
+                       "always continues with the data of the next step)")
+
+
+def _start_files(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of the adapter files a run starts from (--base_weights, --dim_from_weights)."""
+    for path in cfg.base_weights:
+        if not Path(path).is_file():
+            p.append(f"--base_weights {path!r} is not a file")
+    multipliers = cfg.base_weights_multiplier or []
+    if len(multipliers) > len(cfg.base_weights):
+        logger.warning("--base_weights_multiplier has %d values for %d --base_weights file(s); the extra ones are "
+                       "ignored", len(multipliers), len(cfg.base_weights))
+    if cfg.dim_from_weights and not cfg.network_weights:
+        p.append("--dim_from_weights reads the network from --network_weights; give the adapter file")
+
+
+def _logging(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of trackers and the console log."""
+    if cfg.log_with is None and cfg.logging_dir is None:
+        _warn_unused(cfg, ("log_prefix", "log_tracker_name", "log_tracker_config", "wandb_run_name", "log_config"),
+                     "no tracker (set --logging_dir or --log_with)")
+    else:
+        if not cfg.logging_dir:
+            _warn_unused(cfg, ("log_prefix",), "no --logging_dir")
+        if cfg.log_with not in ("wandb", "all"):
+            _warn_unused(cfg, ("wandb_run_name",), f"--log_with {cfg.log_with or 'tensorboard'}")
+    if cfg.log_tracker_config:
+        try:
+            read_tracker_config(cfg.log_tracker_config)
+        except ConfigError as e:
+            p.append(str(e))
+    if cfg.console_log_file and not Path(cfg.console_log_file).resolve().parent.is_dir():
+        p.append(f"--console_log_file {cfg.console_log_file!r}: its folder does not exist; create it or choose "
+                 "another file")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -305,6 +362,9 @@ def validate(cfg: TrainConfig) -> None:
     _network(cfg, p)
     _prior_preservation(cfg, p)
     _saving_and_sampling(cfg, p)
+    _states_and_start(cfg, p)
+    _start_files(cfg, p)
+    _logging(cfg, p)
     # The dataset TOML is checked now too, so its typos surface before any model loads.
     if cfg.dataset_config and not p:
         try:
