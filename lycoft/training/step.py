@@ -34,6 +34,7 @@ from lycoft.training.dataset import TrainingDataset
 from lycoft.training.flags import TrainConfig
 from lycoft.training.models import Models
 from lycoft.training.noise import sample_noise, sample_timesteps
+from lycoft.training.optimizers import evaluation_point
 from lycoft.training.sampler import derive_seed
 from lycoft.training.sampling import SamplePrompt, render, save_images
 from lycoft.training.saving import Saver, TrainState, adapter_stem
@@ -340,8 +341,10 @@ def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------ saving and sampling
 def save(run: Run, stem: str, with_state: bool) -> None:
-    """The adapter as ``<stem>.safetensors`` (and the training state beside it), on every rank's call."""
-    run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
+    """The adapter as ``<stem>.safetensors`` (at the optimizer's evaluation point) and the training state beside
+    it (at its training point, to resume from), on every rank's call."""
+    with evaluation_point(run.optimizer):
+        run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
     if with_state:
         run.saver.save_state(stem, run.state)
     if run.main and run.tracking_on:
@@ -365,7 +368,7 @@ def sample(run: Run, tag: str) -> None:
     if run.main:
         run.network.eval()
         try:
-            with run.accelerator.autocast():
+            with run.accelerator.autocast(), evaluation_point(run.optimizer):
                 images = render(run.models.pipe, run.prompts, sampler=run.cfg.sample_sampler, run_seed=run.cfg.seed,
                                 conditioner=run.conditioner)
             save_images(images, run.prompts, run.output_dir / "sample", run.cfg.output_name, tag)
