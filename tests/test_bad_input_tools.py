@@ -201,12 +201,14 @@ def test_what_a_killed_merge_leaves_is_removed_by_the_next_run_which_says_so(fil
         out_name = "merged"
     outs = tmp_path / "outs"
     outs.mkdir()
-    unrelated = outs / ".merged.safetensors.backup"  # not a name lycoft makes: never touched
-    unrelated.write_bytes(b"mine")
+    # Not names lycoft makes (one differs only in its random part): never touched.
+    unrelated = [outs / ".merged.safetensors.backup", outs / ".merged.safetensors.my-own-notes.tmp"]
+    for path in unrelated:
+        path.write_bytes(b"mine")
     before = digests([base, files["adapter"]])
     cmd = ["--base", base, "--adapter", files["adapter"], "--out", outs / out_name]
     kill_merge_mid_write(cmd, tmp_path, after_tensors=30)
-    left = sorted(p.name for p in outs.iterdir() if p != unrelated)
+    left = sorted(p.name for p in outs.iterdir() if p not in unrelated)
     expected = [rf"\.{re.escape(out_name)}\.[0-9a-f]{{12}}\.tmp"] if kind == "ckpt" else []
     expected.append(rf"\.{re.escape(out_name)}\.[a-z0-9_]{{8}}\.tmp")
     assert len(left) == len(expected) and all(any(re.fullmatch(e, n) for n in left) for e in expected), left
@@ -217,9 +219,10 @@ def test_what_a_killed_merge_leaves_is_removed_by_the_next_run_which_says_so(fil
     removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lycoft: removed ")]
     assert sorted(line.split()[2] for line in removed) == left, removed
     assert all(f"interrupted write of {out_name}" in line and "\n" not in line for line in removed), removed
-    assert sorted(p.name for p in outs.iterdir()) == sorted([out_name, unrelated.name])
+    assert sorted(p.name for p in outs.iterdir()) == sorted([out_name, *(p.name for p in unrelated)])
+    assert all(p.read_bytes() == b"mine" for p in unrelated)
     assert digests([base, files["adapter"]]) == before
-    assert temporaries(tmp_path) == []
+    assert temporaries(tmp_path) == [str(unrelated[1])]
 
 
 # ---------------------------------------------------------------------------------- 7. exit codes

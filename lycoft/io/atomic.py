@@ -59,6 +59,9 @@ def _lock(fd: int) -> bool:
     return True
 
 
+_HEX12_TMP = re.compile(r"[0-9a-f]{12}\.tmp")  # the random part `_create_temp` writes, and the suffix
+
+
 def _log_removed(entry: Path, target: Path, size: int) -> None:
     log.warning("lycoft: removed %s (%s), left in %s by an interrupted write of %s", entry.name, _size_text(size),
                 entry.parent, target.name)
@@ -90,7 +93,7 @@ def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     now = time.time()
     for entry in target.parent.iterdir():
         name = entry.name
-        if not (name.startswith(prefix) and name.endswith(".tmp") and len(name) == len(prefix) + 16):
+        if not (name.startswith(prefix) and _HEX12_TMP.fullmatch(name[len(prefix):])):
             continue
         try:
             if not entry.is_file() or entry.is_symlink() or now - entry.stat().st_mtime < _STALE_AFTER_S:
