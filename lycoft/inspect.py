@@ -475,8 +475,12 @@ def plot_inspection(ins: Inspection, out: str) -> None:
     fig.suptitle(f"{Path(ins.path).name}: {ins.family} {algos}, {n} layers, block sizes {sizes}", fontsize=11)
     fig.legend(handles=legend, loc="upper right", fontsize=8, ncol=len(legend), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=110)
+    except ValueError as e:  # matplotlib's "Format 'x' is not supported (supported formats: ...)"
+        raise ValueError(f"--plot {out}: {e}; name the chart e.g. {Path(out).stem or 'chart'}.png") from None
+    finally:
+        plt.close(fig)
 
 
 def _spaced_maxima(values: list[float], count: int, gap: int) -> list[int]:
