@@ -36,6 +36,7 @@ from lycoft.training.dataset import TrainingDataset
 from lycoft.training.flags import TrainConfig
 from lycoft.training.models import Models
 from lycoft.training.noise import perturb_input_noise, sample_noise, sample_timesteps
+from lycoft.training.optimizers import evaluation_point
 from lycoft.training.sampler import derive_seed
 from lycoft.training.sampling import SamplePrompt, render, save_images
 from lycoft.training.saving import Saver, TrainState, adapter_stem
@@ -362,8 +363,10 @@ def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------ saving and sampling
 def save(run: Run, stem: str, with_state: bool) -> None:
-    """The adapter as ``<stem>.safetensors`` (and the training state beside it), on every rank's call."""
-    run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
+    """The adapter as ``<stem>.safetensors`` (at the optimizer's evaluation point) and the training state beside
+    it (at its training point, to resume from), on every rank's call."""
+    with evaluation_point(run.optimizer):
+        run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
     if with_state:
         run.saver.save_state(stem, run.state)
     if run.main and run.tracking_on:
@@ -392,7 +395,7 @@ def sample(run: Run, tag: str) -> None:
         try:
             logger.info("rendering %d sample(s) at %s", len(run.prompts), tag)
             started = time.perf_counter()
-            with run.accelerator.autocast():
+            with run.accelerator.autocast(), evaluation_point(run.optimizer):
                 images = render(run.models.pipe, run.prompts, sampler=cfg.sample_sampler, run_seed=cfg.seed,
                                 conditioner=run.conditioner)
             paths = save_images(images, run.prompts, folder, cfg.output_name, tag, sampler=cfg.sample_sampler,
