@@ -27,6 +27,8 @@ DIFFERS: dict[str, str] = {
                        "dropout is network_args module_dropout=",
     "network_args": "lycoft's option keys (README, 'Network args'); the same in both trainers",
     "save_model_as": "safetensors only",
+    "conditioning_data_dir": "the mask folder of the --train_data_dir images (sd-scripts reads mask folders only "
+                             "from a dataset TOML's subsets, as lycoft does there too)",
 }
 
 
@@ -122,9 +124,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "token_warmup_min": Unsupported(_NOT_YET, 1),
     "token_warmup_step": Unsupported(_NOT_YET, 0),
     "weighted_captions": Unsupported(_NOT_YET, False),
-    "alpha_mask": Unsupported(_NOT_YET, False),
-    "masked_loss": Unsupported(_NOT_YET, False),
-    "conditioning_data_dir": Unsupported(_NOT_YET),
     "cache_text_encoder_outputs_to_disk": Unsupported(f"{_NOT_YET}; --cache_text_encoder_outputs keeps them in "
                                                       "memory", False),
     # optimizer and schedule
@@ -153,12 +152,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "log_tracker_config": Unsupported(_NOT_YET),
     "wandb_api_key": Unsupported("log in with `wandb login` or the WANDB_API_KEY environment variable"),
     "log_config": Unsupported(f"{_NOT_YET}; the resolved config is saved as <output_name>-config.toml", False),
-    # validation
-    "validation_seed": Unsupported(_NOT_YET),
-    "validation_split": Unsupported(_NOT_YET, 0.0),
-    "validate_every_n_steps": Unsupported(_NOT_YET),
-    "validate_every_n_epochs": Unsupported(_NOT_YET),
-    "max_validation_steps": Unsupported(_NOT_YET),
     # the network
     "dim_from_weights": Unsupported(f"{_NOT_YET}; give the block size of the --network_weights file", False),
     "scale_weight_norms": Unsupported("a rotation keeps every weight norm, so there is nothing to scale; bound "
