@@ -205,6 +205,9 @@ def test_mask_keys_in_a_dataset_toml_and_the_flag_rules(tmp_path):
         parse_args([*base, "--masked_loss", "--conditioning_data_dir", str(tmp_path / "masks")])
     # --alpha_mask reaches every subset (kohya's flag fallback) and needs no --masked_loss
     assert all(r.mask is not None for r in build_dataset(parse_args([*cli, "--alpha_mask"])).records)
+    with pytest.raises(ConfigError, match="alpha_mask and conditioning_data_dir .* both give loss masks; keep one"):
+        build_dataset(parse_args([*cli, "--alpha_mask", "--masked_loss", "--conditioning_data_dir",
+                                  str(tmp_path / "masks")]))
 
 
 def test_the_mask_folder_covers_training_folders_not_regularization_ones(tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lycoft.training import loop
@@ -135,6 +136,10 @@ def test_validation_is_logged_and_leaves_training_untouched(toy, tmp_path, caplo
     assert plain.validation_losses == [] and plain.losses == validated.losses
     a, b = load_file(validated.adapter), load_file(plain.adapter)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(validated.adapter), "pt") as f:
+        md = f.metadata()
+    assert [md[f"ss_{k}"] for k in ("num_validation_images", "validation_split", "validate_every_n_steps")] == [
+        "2", "0.5", "2"]
     # written to the log, shown in the progress line, and in TensorBoard under kohya's names
     assert f"validation loss at step 3 (epoch 2): {values[2]:.4f}" in caplog.text
     assert f"val_loss={values[2]:.4f}" in capsys.readouterr().err

@@ -83,6 +83,9 @@ class SubsetConfig:
         if self.caption_dropout_every_n_epochs < 0:
             raise ValueError(f"caption_dropout_every_n_epochs must be >= 0 (0 = off), got "
                              f"{self.caption_dropout_every_n_epochs}")
+        if self.alpha_mask and self.conditioning_data_dir is not None:
+            raise ValueError(f"alpha_mask and conditioning_data_dir {str(self.conditioning_data_dir)!r} both give "
+                             "loss masks; keep one")
         if not self.caption_separator.strip():
             raise ValueError(f"caption_separator must be a visible character such as ',', got "
                              f"{self.caption_separator!r}")
