@@ -4,7 +4,7 @@ The table is the `TrainConfig` dataclass itself: each field carries its default,
 so `--help`, TOML checking and the written-back config all read the same source. Flag names follow
 kohya sd-scripts wherever kohya has the flag, so kohya configs load unchanged. `check_value` and
 `value_from_text` turn what a TOML file or a command line gives into a flag's value, or say what is wrong.
-Nothing here imports torch or touches a model.
+Nothing here touches a model; torch is imported only to look up a bare torch.optim class name.
 """
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ from lycoft.training.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor")
+# kohya's optimizer names (sd-scripts `get_optimizer`); `optimizers.py` says where each comes from.
+OPTIMIZERS = (
+    "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit", "PagedLion8bit",
+    "SGDNesterov", "SGDNesterov8bit", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam",
+    "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Prodigy", "Adafactor", "AdamWScheduleFree",
+    "RAdamScheduleFree", "SGDScheduleFree",
+)
 LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "adafactor",
 )
 # kohya's sample sampler names, so that kohya configs keep working.
 SAMPLERS = (
@@ -214,12 +221,15 @@ class TrainConfig:
 
     # --- optimizer ---
     optimizer_type: str = flag(
-        "AdamW", "AdamW, AdamW8bit (bitsandbytes; less memory), Prodigy (learns its own step size: "
-        "set --learning_rate 1), Lion, Adafactor, or a dotted class path such as torch.optim.SGD.",
-        group="optimizer")
+        "AdamW", "AdamW; AdamW8bit, PagedAdamW(8bit|32bit), Lion8bit, PagedLion8bit, SGDNesterov8bit "
+        "(bitsandbytes: less optimizer memory); Lion; SGDNesterov; Prodigy and DAdaptation, DAdaptAdam, "
+        "DAdaptAdaGrad, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD (learn their own step size: set "
+        "--learning_rate 1); Adafactor (its own relative step size unless optimizer_args relative_step=False); "
+        "AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree (no LR schedule needed); or a torch.optim class "
+        "name or dotted class path such as mypkg.MyOptimizer.", group="optimizer")
     optimizer_args: list[str] = flag(
         [], "Extra optimizer arguments as key=value (e.g. weight_decay=0.01 'betas=(0.9,0.99)'); "
-        "values are Python literals.", group="optimizer")
+        "values are Python literals, anything else a string.", group="optimizer")
     learning_rate: float = flag(
         1e-4, "Base learning rate. OFT parameters are rotations, so rates well above LoRA's "
         "(1e-4..1e-3) are usual; too high overshoots the subject.", group="optimizer")
@@ -234,13 +244,32 @@ class TrainConfig:
 
     # --- scheduler ---
     lr_scheduler: str = flag(
-        "constant", "Learning-rate schedule.", group="scheduler", choices=LR_SCHEDULERS)
+        "constant", "Learning-rate schedule (docs/training.md has each one's formula). adafactor: the rate "
+        "Adafactor computes itself (its relative_step mode).", group="scheduler", choices=LR_SCHEDULERS)
     lr_warmup_steps: int | float = flag(
-        0, "Warmup steps (an integer) or a fraction of all steps (a number < 1, e.g. 0.05). Needs a "
-        "schedule with warmup (not 'constant').", group="scheduler", kind="warmup")
+        0, "Warmup steps (an integer), a fraction of all steps (a number < 1, e.g. 0.05) or a percentage "
+        "('5%'). Needs a schedule with warmup (not 'constant').", group="scheduler", kind="warmup")
     lr_scheduler_num_cycles: int = flag(
-        1, "Restarts of cosine_with_restarts.", group="scheduler")
+        1, "Descents of cosine_with_restarts; half cosine waves of cosine_with_min_lr and warmup_stable_decay "
+        "(1 = from the peak down to the floor once).", group="scheduler")
     lr_scheduler_power: float = flag(1.0, "Exponent of the polynomial schedule.", group="scheduler")
+    lr_decay_steps: int | float = flag(
+        0, "Decay steps at the end of warmup_stable_decay (an integer) or a fraction of all steps (< 1); "
+        "between warm-up and decay the rate stays at its peak.", group="scheduler", kind="warmup")
+    lr_scheduler_min_lr_ratio: float | None = flag(
+        None, "The lowest rate as a fraction of the learning rate: where cosine_with_min_lr (required "
+        "there) and warmup_stable_decay (unset = 0) end.", group="scheduler")
+    lr_scheduler_timescale: int | None = flag(
+        None, "Timescale of inverse_sqrt, whose rate after warm-up is 1/sqrt((step + timescale - warmup) / "
+        "timescale); unset or 0 = the warm-up steps (10000 without warm-up).", group="scheduler")
+    lr_scheduler_type: str | None = flag(
+        None, "A scheduler class instead of --lr_scheduler: a torch.optim.lr_scheduler name (e.g. "
+        "CosineAnnealingLR) or a dotted class path; it gets the optimizer and --lr_scheduler_args and is "
+        "stepped once per optimizer step.", group="scheduler")
+    lr_scheduler_args: list[str] = flag(
+        [], "Scheduler arguments as key=value (Python literals, anything else a string) for "
+        "--lr_scheduler_type (e.g. T_max=1000) or a named schedule (piecewise_constant: "
+        "step_rules=1:100,0.1:200,0.01).", group="scheduler")
 
     # --- loss ---
     noise_offset: float = flag(
@@ -489,20 +518,34 @@ class TrainConfig:
 
     def warmup_steps(self, total_steps: int) -> int:
         """`--lr_warmup_steps` in steps: a fraction < 1 is a share of `total_steps`."""
-        if isinstance(self.lr_warmup_steps, float):
-            return int(round(self.lr_warmup_steps * total_steps))
-        return int(self.lr_warmup_steps)
+        return _steps(self.lr_warmup_steps, total_steps)
+
+    def decay_steps(self, total_steps: int) -> int:
+        """`--lr_decay_steps` in steps: a fraction < 1 is a share of `total_steps`."""
+        return _steps(self.lr_decay_steps, total_steps)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """`--optimizer_args` as keyword arguments (values read as Python literals, else strings)."""
-        out: dict[str, Any] = {}
-        for item in self.optimizer_args:
-            key, value = _split_kv(item, "optimizer_args")
-            try:
-                out[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                out[key] = value
-        return out
+        return _kwargs(self.optimizer_args, "optimizer_args")
+
+    def lr_scheduler_kwargs(self) -> dict[str, Any]:
+        """`--lr_scheduler_args` as keyword arguments (values read as Python literals, else strings)."""
+        return _kwargs(self.lr_scheduler_args, "lr_scheduler_args")
+
+    @property
+    def schedule_free(self) -> bool:
+        """A schedule-free optimizer: it needs no LR schedule (sd-scripts then ignores --lr_scheduler)."""
+        return self.optimizer_type.lower().endswith("schedulefree")
+
+    @property
+    def adafactor_relative_step(self) -> bool:
+        """Adafactor computing its own rate (sd-scripts' default for it, on unless optimizer_args say
+        relative_step=False; warmup_init=True turns it on again): --learning_rate then only seeds the
+        logged rate, and the schedule is Adafactor's own."""
+        if self.optimizer_type != "Adafactor":
+            return False
+        kwargs = self.optimizer_kwargs()
+        return bool(kwargs.get("relative_step", True) or kwargs.get("warmup_init", False))
 
     def network_options(self) -> NetworkOptions:
         """`--network_args` with `--network_dim` and `--network_dropout`, read by the one option schema."""
@@ -551,7 +594,7 @@ _EXPECTED = {
     "list": "a list of strings",
     "floats": "one number, or two for SDXL's two text encoders",
     "resolution": "a size like 512 or '512,768'",
-    "warmup": "an integer step count or a fraction < 1",
+    "warmup": "an integer step count, a fraction < 1 or a percentage like '5%'",
 }
 
 
@@ -581,6 +624,11 @@ def value_from_text(f: Flag, text: str | list[str], where: str) -> Any:
         if f.kind == "float":
             return float(text)
         if f.kind == "warmup":
+            if text.strip().endswith("%"):  # kohya also takes a percentage of the steps
+                share = float(text.strip()[:-1]) / 100
+                if not 0 <= share < 1:
+                    raise ValueError
+                return share
             return int(text) if text.strip().lstrip("+").isdigit() else float(text)
     except ValueError:
         raise ConfigError(f"{where} must be {_EXPECTED[f.kind]}, got {text!r}") from None
@@ -617,6 +665,9 @@ def check_value(f: Flag, value: Any, where: str) -> Any:
     elif kind == "resolution":
         value = parse_resolution(value, where)
     elif kind == "warmup":
+        if isinstance(value, str) and value.strip().endswith("%"):
+            value = value_from_text(f, value, where)
+            is_number = True
         if not is_number or value < 0:
             raise _type_error(f, value, where)
         if isinstance(value, float) and value >= 1:
@@ -650,14 +701,22 @@ def _choose(f: Flag, value: str, where: str) -> str:
 
 
 def _optimizer_name(value: str, where: str) -> str:
+    if not value.strip():
+        return "AdamW"  # sd-scripts' default for an empty --optimizer_type
     for name in OPTIMIZERS:
         if value.lower() == name.lower():
             return name
     if "." in value.strip("."):
         return value  # a class path, imported by the training loop
+    if value.isidentifier():
+        # sd-scripts reads any other bare name as a torch.optim class; only this rare case imports torch here
+        import torch.optim
+
+        if isinstance(getattr(torch.optim, value, None), type):
+            return f"torch.optim.{value}"
     raise ConfigError(
-        f"{where} is {value!r}; use {', '.join(OPTIMIZERS)} or a dotted class path like "
-        f"torch.optim.SGD{did_you_mean(value, OPTIMIZERS)}"
+        f"{where} is {value!r}; use {', '.join(OPTIMIZERS)}, a torch.optim class or a dotted class path like "
+        f"mypkg.MyOptimizer{did_you_mean(value, OPTIMIZERS)}"
     )
 
 
@@ -680,6 +739,28 @@ def parse_resolution(value: Any, where: str = "resolution") -> tuple[int, int]:
     if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
         raise ConfigError(f"{where} must be a size like 512 or '512,768' (width,height), got {value!r}")
     return (sides[0], sides[1])
+
+
+def _steps(value: int | float, total_steps: int) -> int:
+    """A step count, or a fraction < 1 of `total_steps` (rounded to the nearest step)."""
+    if isinstance(value, float):
+        return int(round(value * total_steps))
+    return int(value)
+
+
+def _kwargs(items: Sequence[str], flag_name: str) -> dict[str, Any]:
+    """key=value items as keyword arguments: values read as Python literals, else kept as strings; empty items
+    (what a config writer leaves for "none") are skipped."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if not item.strip():
+            continue
+        key, value = _split_kv(item, flag_name)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def _split_kv(item: str, flag_name: str) -> tuple[str, str]:

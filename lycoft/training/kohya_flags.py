@@ -129,11 +129,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     # optimizer and schedule
     "use_8bit_adam": Unsupported("kohya's old spelling; use --optimizer_type AdamW8bit", False),
     "use_lion_optimizer": Unsupported("kohya's old spelling; use --optimizer_type Lion", False),
-    "lr_scheduler_type": Unsupported(f"{_NOT_YET}; choose one of --lr_scheduler's schedules", ""),
-    "lr_scheduler_args": Unsupported(_NOT_YET),
-    "lr_decay_steps": Unsupported(_NOT_YET, 0),
-    "lr_scheduler_timescale": Unsupported(_NOT_YET),
-    "lr_scheduler_min_lr_ratio": Unsupported(_NOT_YET),
     # saving, resuming, metadata
     "save_n_epoch_ratio": Unsupported(f"{_NOT_YET}; use --save_every_n_epochs"),
     "save_last_n_epochs_state": Unsupported(f"{_NOT_YET}; --save_last_n_epochs prunes states with their adapters"),

@@ -57,12 +57,12 @@ from lycoft.training.dataset import TrainingDataset, build_dataset
 from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
 from lycoft.training.metadata import step_metadata, training_metadata
-from lycoft.training.optimizers import build_optimizer, resolve_optimizer
+from lycoft.training.optimizers import build_optimizer, resolve_optimizer, set_train_mode
 from lycoft.training.prior import generate_class_images, missing_class_images
 from lycoft.training.sampler import derive_seed
 from lycoft.training.sampling import SamplePrompt, make_sampler, read_prompt_file
 from lycoft.training.saving import SaveError, Saver, TrainState, load_state, newest_state
-from lycoft.training.schedulers import build_lr_scheduler
+from lycoft.training.schedulers import build_lr_scheduler, resolve_lr_scheduler
 from lycoft.training.step import (
     AdaptedDenoiser,
     EpochBatches,
@@ -233,6 +233,7 @@ def accelerator_for(cfg: TrainConfig) -> Iterator[Accelerator]:
 def check_before_model(cfg: TrainConfig, family: str | None):
     """Everything that can be checked without loading weights; returns (dataset or None, prompts)."""
     resolve_optimizer(cfg.optimizer_type)
+    resolve_lr_scheduler(cfg)
     prompts = []
     if cfg.sample_prompts:
         w, h = cfg.resolved_resolution(family)
@@ -420,6 +421,7 @@ def finish(run: Run) -> TrainResult:
     sampling = cfg.sample_every_n_steps or cfg.sample_every_n_epochs
     if run.prompts and sampling and run.last_sample_step != state.global_step:
         sample(run, f"{state.global_step:06d}")
+    set_train_mode(run.optimizer, False)  # the network returned holds what was saved (schedule-free: the average)
     adapter = run.output_dir / f"{cfg.output_name}.safetensors" if run.main else None
     if world > 1:
         diff = _max_rank_difference(run.accelerator, run.network)

@@ -37,6 +37,7 @@ from lycoft.training.dataset import TrainingDataset
 from lycoft.training.flags import TrainConfig
 from lycoft.training.models import Models
 from lycoft.training.noise import perturb_input_noise, sample_noise, sample_timesteps, validation_timesteps
+from lycoft.training.optimizers import evaluation_point
 from lycoft.training.sampler import derive_seed
 from lycoft.training.sampling import SamplePrompt, render, save_images
 from lycoft.training.saving import Saver, TrainState, adapter_stem
@@ -365,8 +366,10 @@ def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------ saving and sampling
 def save(run: Run, stem: str, with_state: bool) -> None:
-    """The adapter as ``<stem>.safetensors`` (and the training state beside it), on every rank's call."""
-    run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
+    """The adapter as ``<stem>.safetensors`` (at the optimizer's evaluation point) and the training state beside
+    it (at its training point, to resume from), on every rank's call."""
+    with evaluation_point(run.optimizer):
+        run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
     if with_state:
         run.saver.save_state(stem, run.state)
     if run.main and run.tracking_on:
@@ -395,7 +398,7 @@ def sample(run: Run, tag: str) -> None:
         try:
             logger.info("rendering %d sample(s) at %s", len(run.prompts), tag)
             started = time.perf_counter()
-            with run.accelerator.autocast():
+            with run.accelerator.autocast(), evaluation_point(run.optimizer):
                 images = render(run.models.pipe, run.prompts, sampler=cfg.sample_sampler, run_seed=cfg.seed,
                                 conditioner=run.conditioner)
             paths = save_images(images, run.prompts, folder, cfg.output_name, tag, sampler=cfg.sample_sampler,
@@ -454,7 +457,8 @@ def validation_loss(run: Run) -> float:
     """The mean loss over the held-out batches (the first ``--max_validation_steps``, in a fixed order)
     at each of kohya's fixed timesteps (`validation_timesteps`), with noise seeded by (``--validation_seed``
     or ``--seed``, batch, timestep): the same draws every time, so successive values differ only by what
-    the adapter learned. The adapter runs in eval mode, and the global RNG state is put back afterwards,
+    the adapter learned. The adapter runs in eval mode at the optimizer's evaluation point (what samples and
+    saved adapters show), and the global RNG state is put back afterwards,
     so training draws exactly what it would have without validation. The batches are shared out over the
     processes (the mean does not depend on their number)."""
     cfg, accelerator, held_out = run.cfg, run.accelerator, run.dataset.validation
@@ -474,13 +478,14 @@ def validation_loss(run: Run) -> float:
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     run.network.eval()
     try:
-        for index, keys in mine:
-            batch = torch.utils.data.default_collate([held_out[key] for key in keys])
-            for j, t in enumerate(timesteps):
-                generator = torch.Generator().manual_seed(derive_seed(seed, 5, index or 0, j) % 2**63)
-                loss = float(micro_batch_loss(run, batch, generator, timestep=t))
-                if index is not None:
-                    totals += torch.tensor([loss, 1.0], dtype=torch.float64)
+        with evaluation_point(run.optimizer):  # schedule-free optimizers: the weights samples and saves show
+            for index, keys in mine:
+                batch = torch.utils.data.default_collate([held_out[key] for key in keys])
+                for j, t in enumerate(timesteps):
+                    generator = torch.Generator().manual_seed(derive_seed(seed, 5, index or 0, j) % 2**63)
+                    loss = float(micro_batch_loss(run, batch, generator, timestep=t))
+                    if index is not None:
+                        totals += torch.tensor([loss, 1.0], dtype=torch.float64)
     finally:
         run.network.train()
         torch.set_rng_state(rng_state)

@@ -156,12 +156,83 @@ def _optimizer_and_schedule(cfg: TrainConfig, p: _Problems) -> None:
         cfg.optimizer_kwargs()
     except ConfigError as e:
         p.append(str(e))
-    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
-        p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant; "
-                 "use constant_with_warmup (or another schedule)")
+    else:
+        _optimizer_owns_schedule(cfg, p)
     p.positive("lr_scheduler_num_cycles", allow_none=False)
     if not cfg.lr_scheduler_power > 0:
         p.append(f"--lr_scheduler_power must be > 0, got {cfg.lr_scheduler_power}")
+    _schedule(cfg, p)
+
+
+def _optimizer_owns_schedule(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of optimizers that bring their own schedule (schedule-free, Adafactor's relative step), and of
+    --lr_warmup_steps where no warm-up would happen."""
+    if cfg.schedule_free:
+        if cfg.lr_scheduler != "constant" or cfg.lr_warmup_steps or cfg.lr_scheduler_type:
+            logger.warning("--optimizer_type %s needs no LR schedule, so --lr_scheduler, --lr_scheduler_type and "
+                           "--lr_warmup_steps are ignored (as in sd-scripts); give a warm-up as --optimizer_args "
+                           "warmup_steps=N", cfg.optimizer_type)
+    elif cfg.lr_scheduler_type:
+        if cfg.lr_warmup_steps:
+            p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler_type "
+                     f"{cfg.lr_scheduler_type}; give its arguments in --lr_scheduler_args or drop it")
+        if cfg.lr_scheduler != "constant":
+            logger.warning("--lr_scheduler %s is ignored: --lr_scheduler_type %s replaces it", cfg.lr_scheduler,
+                           cfg.lr_scheduler_type)
+    elif cfg.adafactor_relative_step:
+        if cfg.lr_warmup_steps:
+            p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect while Adafactor computes its own rate "
+                     "(relative_step); use --optimizer_args warmup_init=True, or relative_step=False "
+                     "scale_parameter=False warmup_init=False for a schedule")
+        if cfg.lr_scheduler not in ("constant", "adafactor"):
+            logger.warning("--lr_scheduler %s is ignored: Adafactor computes its own rate (relative_step; as in "
+                           "sd-scripts); --optimizer_args relative_step=False scale_parameter=False "
+                           "warmup_init=False makes it follow the schedule", cfg.lr_scheduler)
+        if cfg.unet_lr is not None or cfg.text_encoder_lr:
+            logger.warning("--unet_lr and --text_encoder_lr are ignored: Adafactor computes its own rate "
+                           "(relative_step; as in sd-scripts)")
+    elif cfg.lr_scheduler == "adafactor":
+        p.append("--lr_scheduler adafactor is the rate Adafactor computes itself: it needs --optimizer_type "
+                 "Adafactor without optimizer_args relative_step=False; choose another schedule")
+    elif cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+        p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant; "
+                 "use constant_with_warmup (or another schedule)")
+
+
+def _schedule(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of the named schedules' own flags: what each needs, and flags that its schedule does not read."""
+    try:
+        extra = cfg.lr_scheduler_kwargs()
+    except ConfigError as e:
+        p.append(str(e))
+        extra = {}
+    if "last_epoch" in extra:
+        p.append("--lr_scheduler_args last_epoch: the trainer sets it (on --resume); drop it")
+    p.in_range("lr_scheduler_min_lr_ratio", 0.0, 1.0)
+    if cfg.lr_scheduler_timescale is not None and cfg.lr_scheduler_timescale < 0:
+        p.append(f"--lr_scheduler_timescale must be a positive number of steps, got {cfg.lr_scheduler_timescale}")
+    try:
+        optimizer_schedule = cfg.schedule_free or cfg.adafactor_relative_step
+    except ConfigError:  # bad --optimizer_args, reported already
+        optimizer_schedule = False
+    named = None if cfg.lr_scheduler_type or optimizer_schedule else cfg.lr_scheduler
+    if named == "cosine_with_min_lr" and cfg.lr_scheduler_min_lr_ratio is None and "min_lr" not in extra:
+        p.append("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (e.g. 0.1: the rate ends at "
+                 "a tenth of --learning_rate)")
+    if named == "piecewise_constant" and "step_rules" not in extra:
+        p.append("--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules=<m1>:<step1>,<m2>:<step2>,"
+                 "...,<m_last> (e.g. step_rules=1:100,0.1:200,0.01: multiplier 1 before step 100, 0.1 before 200, "
+                 "then 0.01)")
+    if named == "warmup_stable_decay" and not cfg.lr_decay_steps:
+        logger.warning("--lr_scheduler warmup_stable_decay without --lr_decay_steps never decays; set it (e.g. "
+                       "0.2 = the last fifth of the steps)")
+    readers = {"lr_decay_steps": ("warmup_stable_decay",),
+               "lr_scheduler_min_lr_ratio": ("cosine_with_min_lr", "warmup_stable_decay"),
+               "lr_scheduler_timescale": ("inverse_sqrt",)}
+    for name, schedules in readers.items():
+        if getattr(cfg, name) and named not in schedules:
+            logger.warning("--%s %s is ignored: only --lr_scheduler %s use%s it", name, getattr(cfg, name),
+                           " and ".join(schedules), "s" if len(schedules) == 1 else "")
 
 
 def _loss(cfg: TrainConfig, p: _Problems) -> None:
