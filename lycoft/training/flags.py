@@ -341,6 +341,18 @@ class TrainConfig:
         "2023): lets a v-prediction model make truly dark or bright images. Meant for --v_parameterization.",
         group="noise")
 
+    # --- masked loss ---
+    masked_loss: bool = flag(
+        False, "Weight the loss by each image's mask from conditioning_data_dir: white trains, black is "
+        "ignored, so backgrounds or other people in the picture are not learned.", group="masked loss")
+    conditioning_data_dir: str | None = flag(
+        None, "Folder of masks for the --train_data_dir images: one per image, with its file stem and size "
+        "(e.g. masks/toy_001.png for 10_sks toy/toy_001.jpg; the red channel counts). Needs --masked_loss. "
+        "In a dataset TOML, set it per [[datasets.subsets]].", group="masked loss")
+    alpha_mask: bool = flag(
+        False, "Use each image's alpha channel as its loss mask (opaque trains, transparent is ignored); "
+        "images without alpha train everywhere. Works without --masked_loss.", group="masked loss")
+
     # --- network ---
     network_module: str = flag(
         "lycoft", "Adapter implementation. This trainer trains lycoft OFT/BOFT adapters only ("
@@ -468,6 +480,24 @@ class TrainConfig:
     sample_sampler: str = flag("ddim", "Scheduler used for samples.", group="sampling", choices=SAMPLERS)
     sample_at_first: bool = flag(False, "Render samples before the first step (the base model's "
                                  "look, for comparison).", group="sampling")
+
+    # --- validation ---
+    validation_split: float = flag(
+        0.0, "Hold out this fraction of each training folder's images (regularization images excepted) and "
+        "report the loss on them: rising while the training loss falls means overfitting. 0 = off.",
+        group="validation")
+    validation_seed: int | None = flag(
+        None, "Seed of which images are held out and of the validation noise; unset = --seed.",
+        group="validation")
+    validate_every_n_steps: int | None = flag(
+        None, "Also compute the validation loss every N steps (it is always computed at each epoch's end "
+        "unless --validate_every_n_epochs says otherwise).", group="validation")
+    validate_every_n_epochs: int | None = flag(
+        None, "Compute the validation loss at the end of every N-th epoch; unset = every epoch.",
+        group="validation")
+    max_validation_steps: int | None = flag(
+        None, "Use at most this many held-out batches per validation; unset = all of them.",
+        group="validation")
 
     # --- logging ---
     logging_dir: str | None = flag(

@@ -33,6 +33,8 @@ DIFFERS: dict[str, str] = {
                     "numbers the epochs), the LR schedule follows the count (sd-scripts restarts it), and a "
                     "state found by --resume wins, so that a resume stays exact (sd-scripts lets the flag win)",
     "initial_epoch": "as --initial_step at the epoch's first step",
+    "conditioning_data_dir": "the mask folder of the --train_data_dir images (sd-scripts reads mask folders only "
+                             "from a dataset TOML's subsets, as lycoft does there too)",
 }
 
 
@@ -123,9 +125,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "token_warmup_min": Unsupported(_NOT_YET, 1),
     "token_warmup_step": Unsupported(_NOT_YET, 0),
     "weighted_captions": Unsupported(_NOT_YET, False),
-    "alpha_mask": Unsupported(_NOT_YET, False),
-    "masked_loss": Unsupported(_NOT_YET, False),
-    "conditioning_data_dir": Unsupported(_NOT_YET),
     "cache_text_encoder_outputs_to_disk": Unsupported(f"{_NOT_YET}; --cache_text_encoder_outputs keeps them in "
                                                       "memory", False),
     # optimizer and schedule
@@ -135,12 +134,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "metadata_is_negative_embedding": Unsupported("lycoft trains OFT adapters, not embeddings"),
     # logging and trackers
     "wandb_api_key": Unsupported("log in with `wandb login` or the WANDB_API_KEY environment variable"),
-    # validation
-    "validation_seed": Unsupported(_NOT_YET),
-    "validation_split": Unsupported(_NOT_YET, 0.0),
-    "validate_every_n_steps": Unsupported(_NOT_YET),
-    "validate_every_n_epochs": Unsupported(_NOT_YET),
-    "max_validation_steps": Unsupported(_NOT_YET),
     # the network
     "scale_weight_norms": Unsupported("a rotation keeps every weight norm, so there is nothing to scale; bound "
                                       "the rotation with --network_args constraint=<c> instead"),

@@ -97,6 +97,7 @@ class TrainResult:
     skipped_images: int = 0
     network: Any = None
     models: Any = None
+    validation_losses: list[tuple[int, str, float]] = field(default_factory=list)  # (step, "step"/"epoch", loss)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -461,7 +462,7 @@ def finish(run: Run) -> TrainResult:
     return TrainResult(adapter=adapter, state=state, losses=run.losses, learning_rates=run.learning_rates,
                        output_dir=run.output_dir,
                        files=list(run.saver.written), skipped_images=run.dataset.num_skipped, network=run.network,
-                       models=run.models)
+                       models=run.models, validation_losses=run.validation_losses)
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -48,7 +48,8 @@ def trackers(cfg: TrainConfig) -> list[str]:
 
 # Flags whose values are paths on this machine (they may name users and machines): never sent to trackers.
 _PATH_FLAGS = frozenset((
-    "pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "dataset_config", "output_dir",
+    "pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "conditioning_data_dir", "dataset_config",
+    "output_dir",
     "logging_dir", "resume", "network_weights", "base_weights", "sample_prompts", "metadata_thumbnail", "config",
     "log_tracker_config", "console_log_file",
 ))

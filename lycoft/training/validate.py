@@ -294,6 +294,23 @@ def _noise(cfg: TrainConfig, p: _Problems) -> None:
                  "the range is [min, max), or min = max for one timestep")
 
 
+def _masked_loss(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of masked loss (the rules that need the dataset are in `dataset_config`)."""
+    folder = cfg.conditioning_data_dir
+    if folder and cfg.dataset_config:
+        p.append("--conditioning_data_dir is for --train_data_dir; with --dataset_config set conditioning_data_dir "
+                 "in each [[datasets.subsets]] whose images have masks")
+    elif folder and not Path(folder).is_dir():
+        p.append(f"--conditioning_data_dir {folder!r} is not a folder (resolved from {Path.cwd()})")
+
+
+def _validation(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of validation."""
+    p.in_range("validation_split", 0.0, 1.0, hi_open=True)
+    for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+        p.positive(name)
+
+
 def _warn_unused(cfg: TrainConfig, names: tuple[str, ...], because: str) -> None:
     """Warn about each of `names` set away from its default although it does nothing (kohya ignores it)."""
     defaults = TrainConfig()
@@ -430,6 +447,8 @@ def validate(cfg: TrainConfig) -> None:
     _optimizer_and_schedule(cfg, p)
     _loss(cfg, p)
     _noise(cfg, p)
+    _masked_loss(cfg, p)
+    _validation(cfg, p)
     _network(cfg, p)
     _prior_preservation(cfg, p)
     _saving_and_sampling(cfg, p)
