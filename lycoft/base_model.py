@@ -36,6 +36,7 @@ from .checkpoints.ldm_keys import (
     text_encoder_module_path,
     unet_module_path_to_ldm,
 )
+from .io.atomic import scratch_directory
 from .io.errors import AdapterFileError
 from .io.safe_io import read_safetensors_header, save_safetensors_atomic
 from .io.torch_checkpoint import load_torch_checkpoint
@@ -228,12 +229,41 @@ def _component_weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def _listed_components(root: Path) -> set[str]:
+    """The model folders `model_index.json` says the pipeline has (``[null, null]`` entries are absent)."""
+    index = _read_json(root / "model_index.json")
+    return {k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is not None}
+
+
+def _check_shards(folder: Path) -> None:
+    """A sharded model's index must find all its shards (a partial download lacks some)."""
+    for index in folder.glob("*.safetensors.index.json"):
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise AdapterFileError(
+                str(folder), f"lacks {len(missing)} of the {len(shards)} weight files {index.name} lists "
+                f"({', '.join(missing[:3])})", "the diffusers folder is incomplete: download or copy it again")
+
+
 def _index_diffusers(base: BaseModel, root: Path) -> None:
+    listed = _listed_components(root)
     for sub, component in DIFFUSERS_COMPONENTS.items():
         folder = root / sub
         if not folder.is_dir():
+            if sub in listed:
+                raise AdapterFileError(
+                    str(root), f"has no {sub}/ folder, which its model_index.json lists: the base model is "
+                    "incomplete", f"download or copy the whole diffusers folder again (with {sub}/)")
             continue
-        for file in _component_weight_files(folder):
+        _check_shards(folder)
+        files = _component_weight_files(folder)
+        if not files:
+            raise AdapterFileError(
+                str(folder), "holds no weights (no *.safetensors file): the base model is incomplete",
+                f"download or copy {sub}/ again, with its diffusion_pytorch_model.safetensors or "
+                "model.safetensors")
+        for file in files:
             header, _ = read_safetensors_header(file)
             base.files.append(str(file))
             for name, info in header.items():
@@ -255,10 +285,12 @@ def _read_json(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------- open
 @contextmanager
-def open_base(path: str | os.PathLike[str], family: str | None = None, workdir: str | None = None
-              ) -> Iterator[BaseModel]:
+def open_base(path: str | os.PathLike[str], family: str | None = None,
+              next_to: str | os.PathLike[str] | None = None) -> Iterator[BaseModel]:
     """Index a base model (see module docstring); a context manager because a ``.ckpt`` is read through
-    a temporary safetensors copy (in `workdir`, default the system temp dir) that lives until the exit."""
+    a temporary safetensors copy that lives until the exit: beside the output `next_to` when its folder
+    exists (the same disk; one a killed run left is removed by the next write of that output), else in
+    the system's temporary folder."""
     p = Path(path)
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
@@ -281,7 +313,9 @@ def open_base(path: str | os.PathLike[str], family: str | None = None, workdir: 
         raise AdapterFileError(str(p), "file not found", "check the path")
     if p.suffix.lower() in PICKLE_SUFFIXES:
         tensors = load_torch_checkpoint(str(p))
-        with tempfile.TemporaryDirectory(prefix="lycoft-base-", dir=workdir) as tmp:
+        beside = next_to is not None and Path(next_to).parent.is_dir()
+        scratch = scratch_directory(next_to) if beside else tempfile.TemporaryDirectory(prefix="lycoft-base-")
+        with scratch as tmp:
             st = Path(tmp) / (p.stem + ".safetensors")
             save_safetensors_atomic(tensors, st)
             del tensors

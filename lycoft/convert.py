@@ -38,6 +38,7 @@ from .io.errors import AdapterFileError
 from .io.safe_io import read_safetensors
 from .io.streaming import DTYPE_CHOICES
 from .naming import to_key
+from .ops import check_multiplier
 
 log = logging.getLogger("lycoft")
 
@@ -59,6 +60,9 @@ class ReadAdapter:
 
 def read_any_adapter(path: str, component: str | None = None, peft_config: str | None = None) -> ReadAdapter:
     """Read `path` whatever OFT/BOFT flavour it is (see module docstring); ``.diff`` files too."""
+    if peft_config is not None and not os.path.isfile(peft_config):
+        raise AdapterFileError(peft_config, "not found" if not os.path.exists(peft_config) else "is not a file",
+                               "check the --peft-config path (a PEFT adapter_config.json)")
     p = Path(path)
     if p.is_dir():
         peft = read_peft(p, component, peft_config)
@@ -279,6 +283,7 @@ def convert_adapter(
         raise ValueError(f"--dtype {dtype!r} is not known; use one of {', '.join(DTYPE_CHOICES)}")
     if to == "diff" and base is None:
         raise ValueError("--to diff needs --base <checkpoint or diffusers folder>: differences are W' - W")
+    multiplier = check_multiplier(multiplier, "--multiplier")
     if not os.path.exists(src):
         raise AdapterFileError(src, "not found", "check the --in path")
     if same_file(src, out) or (base is not None and same_file(base, out)):
@@ -291,7 +296,7 @@ def convert_adapter(
     adapter = read_any_adapter(src, component, peft_config)
     torch_dtype = DTYPE_CHOICES[dtype] if dtype else None
     with ExitStack() as stack:
-        model = stack.enter_context(open_base(base, family)) if base is not None else None
+        model = stack.enter_context(open_base(base, family, next_to=out)) if base is not None else None
         fam = family or (model.family if model else None) or guess_family(adapter)
         meta_fam = family_of_adapter(adapter.metadata)
         if model is not None and meta_fam is not None and meta_fam != model.family:

@@ -22,7 +22,7 @@ import torch
 from .base_model import BaseModel, WeightSlot
 from .io.atomic import atomic_write
 from .io.errors import AdapterFileError
-from .io.streaming import FLOAT_DTYPES, OpenInputs, OutputTensor, dtype_name, write_streamed
+from .io.streaming import FLOAT_DTYPES, OpenInputs, OutputTensor, dtype_name, fits_dtype, write_streamed
 
 
 @dataclass
@@ -90,7 +90,11 @@ def export_diff(base: BaseModel, changes: Sequence[LayerChange], out: str | os.P
         def produce(t: OutputTensor) -> torch.Tensor:
             slot, change = jobs[t.name]
             W = slot.take(inputs[slot.file].read(slot.tensor)).float()
-            return change.apply(W) - W
+            d = change.apply(W) - W
+            if not fits_dtype(d, t.dtype):
+                raise AdapterFileError(source, f"the difference of layer {slot.key} is not finite in {t.dtype}",
+                                       "use a strength near 1, and check the adapter with tools/inspect.py")
+            return d
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:

@@ -77,6 +77,7 @@ class Inspection:
     not_in_base: list[str] = field(default_factory=list)
     wrong_shape: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    base_family: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -204,12 +205,16 @@ def inspect_adapter(path: str, base: str | None = None, family: str | None = Non
         inputs = stack.enter_context(OpenInputs())
         if family:
             fam, source = family, "given"
-        elif model is not None:
-            fam, source = model.family, "base"
         else:
             fam = guess_family(adapter)
             source = "metadata" if any(k in adapter.metadata for k in ("lycoft.family", "ss_base_model_version",
                                                                       "modelspec.architecture")) else "key names"
+            # Key names can show an SDXL adapter, not an SD1 or SD2 one: without metadata, the base decides.
+            if model is not None and source == "key names" and not (fam == "sdxl" != model.family):
+                fam, source = model.family, "base"
+        adapter_fam = fam
+        if model is not None:
+            fam = model.family  # the layers are matched against the base, whatever the adapter is
         index = key_index(fam, model)
         order = {loc: i for i, loc in enumerate(dict.fromkeys(index.values()))}
         layers, not_in_base, wrong_shape = [], [], []
@@ -228,8 +233,12 @@ def inspect_adapter(path: str, base: str | None = None, family: str | None = Non
     if adapter.peft is not None and any(m.neumann for m in adapter.peft.modules):
         notes.append("PEFT Neumann series (use_cayley_neumann=True): rotations are approximations; ortho_error "
                      "is the series' own error")
-    return Inspection(path, adapter.flavour, fam, source, [s for _, s in layers], adapter.metadata, facts,
-                      _combined_verdicts(_compat_flavours(adapter), facts), base, not_in_base, wrong_shape, notes)
+    if model is not None and adapter_fam != model.family:
+        notes.append(f"the adapter is {adapter_fam} (from its {source}) but the base is {model.family}; inspect it "
+                     f"against an {adapter_fam} base")
+    return Inspection(path, adapter.flavour, adapter_fam, source, [s for _, s in layers], adapter.metadata, facts,
+                      _combined_verdicts(_compat_flavours(adapter), facts), base, not_in_base, wrong_shape, notes,
+                      model.family if model is not None else None)
 
 
 def _layer_sources(adapter: ReadAdapter, fam: str, model: BaseModel | None):
@@ -340,8 +349,8 @@ def _format_text(ins: Inspection, top: int, show_all: bool) -> str:
     for n in ins.notes:
         lines.append(f"  note: {n}")
     if ins.base:
-        lines.append(f"  base {ins.base}: {len(ins.layers) - len(ins.not_in_base) - len(ins.wrong_shape)} of "
-                     f"{len(ins.layers)} layers match")
+        matching = len(ins.layers) - len(ins.not_in_base) - len(ins.wrong_shape)
+        lines.append(f"  base {ins.base} ({ins.base_family}): {matching} of {len(ins.layers)} layers match")
         for k in ins.not_in_base[:20]:
             lines.append(f"    not in the base: {k}")
         if len(ins.not_in_base) > 20:
@@ -395,7 +404,8 @@ def plot_inspection(ins: Inspection, out: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'lycoft[plot]' (or pip install matplotlib)") from None
+        raise ModuleNotFoundError("--plot needs matplotlib: pip install 'lycoft[plot]' (or pip install matplotlib)",
+                                  name="matplotlib") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -466,8 +476,12 @@ def plot_inspection(ins: Inspection, out: str) -> None:
     fig.suptitle(f"{Path(ins.path).name}: {ins.family} {algos}, {n} layers, block sizes {sizes}", fontsize=11)
     fig.legend(handles=legend, loc="upper right", fontsize=8, ncol=len(legend), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=110)
+    except ValueError as e:  # matplotlib's "Format 'x' is not supported (supported formats: ...)"
+        raise ValueError(f"--plot {out}: {e}; name the chart e.g. {Path(out).stem or 'chart'}.png") from None
+    finally:
+        plt.close(fig)
 
 
 def _spaced_maxima(values: list[float], count: int, gap: int) -> list[int]:

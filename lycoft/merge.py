@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -34,9 +35,16 @@ from .formats.lycoris import ModuleSpec, read_adapter
 from .formats.peft import is_peft_tensors
 from .io.atomic import atomic_directory, atomic_write, refuse_overwrite, same_file
 from .io.errors import AdapterFileError
-from .io.safe_io import read_safetensors_header
-from .io.streaming import DTYPE_CHOICES, SafetensorsInput, dtype_name, rewrite_safetensors
-from .ops import adapter_rotation, merged_weight, rotate
+from .io.safe_io import DTYPE_BITS, read_safetensors_header
+from .io.streaming import (
+    DTYPE_CHOICES,
+    FLOAT_DTYPES,
+    SafetensorsInput,
+    dtype_name,
+    fits_dtype,
+    rewrite_safetensors,
+)
+from .ops import adapter_rotation, check_multiplier, merged_weight, rotate
 
 log = logging.getLogger("lycoft")
 
@@ -50,16 +58,38 @@ class AdapterArg:
     path: str
     multiplier: float = 1.0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "multiplier", check_multiplier(self.multiplier, f"adapter {self.path}: strength"))
+
     @classmethod
     def parse(cls, text: str) -> AdapterArg:
-        """``a.safetensors`` or ``a.safetensors:0.7`` (a trailing ``:<number>`` is the multiplier)."""
+        """``a.safetensors`` or ``a.safetensors:0.7`` (a trailing ``:<number>`` is the multiplier).
+
+        File names may contain ``:``: a text that names an existing file, and none without its tail, is
+        taken whole. A tail that is not a finite number is refused when the part before it is a file or
+        the tail looks like a number (``a.safetensors:0,7``), rather than reported as a missing file."""
         head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                return cls(head, float(tail))
-            except ValueError:
-                pass
-        return cls(text, 1.0)
+        if not sep or not head:
+            return cls(text, 1.0)
+        try:
+            value = float(tail)
+        except ValueError:
+            if os.path.exists(text) or not (os.path.exists(head) or _LOOKS_NUMERIC.fullmatch(tail)):
+                return cls(text, 1.0)
+            fix = (f"write the decimal with a dot: {head}:{tail.replace(',', '.')}" if "," in tail
+                   else f"give it as FILE:M, e.g. {head}:0.7")
+            raise ValueError(f"--adapter {text}: the strength {tail!r} is not a number; {fix}") from None
+        if os.path.exists(text) and not os.path.exists(head):
+            return cls(text, 1.0)
+        return cls(head, check_multiplier(value, f"--adapter {text}: the strength"))
+
+
+# A tail that a user meant as a strength: a digit among signs, dots, commas, spaces or an exponent.
+_LOOKS_NUMERIC = re.compile(r"[\d.,eE+\-\s]*\d[\d.,eE+\-\s]*")
+
+
+class MergeVerificationError(RuntimeError):
+    """A merged layer of the written output differs from the adapter applied on the fly (``verify``)."""
 
 
 @dataclass
@@ -220,9 +250,9 @@ def _plan(base: BaseModel, adapters: Sequence[AdapterArg], loaded, allow_partial
     return ops
 
 
-def _patcher(src: SafetensorsInput, file: str, ops: dict[tuple[str, str], list[_Op]]
-             ) -> Callable[[str], torch.Tensor | None]:
-    def produce(name: str) -> torch.Tensor | None:
+def _patcher(src: SafetensorsInput, file: str, ops: dict[tuple[str, str], list[_Op]], adapters: Sequence[AdapterArg],
+             out_dtype: str | None) -> Callable[[str], torch.Tensor | None]:
+    def patched(name: str) -> torch.Tensor | None:
         todo = ops.get((file, name))
         if not todo:
             return None
@@ -244,7 +274,26 @@ def _patcher(src: SafetensorsInput, file: str, ops: dict[tuple[str, str], list[_
             slot.put(W, part)
         return W
 
+    def produce(name: str) -> torch.Tensor | None:
+        W = patched(name)
+        if W is not None:
+            _require_finite(W, out_dtype or src.info(name).dtype, name, file, ops[(file, name)], adapters)
+        return W
+
     return produce
+
+
+def _require_finite(W: torch.Tensor, dtype: str, name: str, file: str, todo: Sequence[_Op],
+                    adapters: Sequence[AdapterArg]) -> None:
+    """Refuse to write a patched weight that is not finite in its output dtype: an adapter holding huge
+    values, or a huge strength, would otherwise bake inf/NaN into a checkpoint that loads without complaint."""
+    if fits_dtype(W, dtype):
+        return
+    used = sorted({(adapters[op.adapter].path, op.multiplier) for op in todo})
+    names = ", ".join(f"{path} x{m:g}" for path, m in used)
+    raise ValueError(
+        f"merging {names} into {name} of {file} gives weights that are not finite in {dtype}; "
+        "use a strength near 1, and check the adapter with tools/inspect.py (its largest rotation angles)")
 
 
 def _verify_sample(ops: dict[tuple[str, str], list[_Op]], count: int) -> list[tuple[str, str, WeightSlot]]:
@@ -277,7 +326,7 @@ def _verify(out_files: dict[str, str], ops, count: int, report: MergeReport) -> 
         tol = VERIFY_TOL.get(info.dtype, 1e-5)
         report.verified.append((slot.key, err, tol))
         if not err <= tol:
-            raise RuntimeError(
+            raise MergeVerificationError(
                 f"verification failed: layer {slot.module} ({tensor} in {file}) differs from the adapter applied "
                 f"on the fly by {err:.2e} (relative; tolerance {tol:.0e}); nothing was written"
             )
@@ -324,24 +373,38 @@ def _merge_metadata(metadata: dict[str, str], adapters: Sequence[AdapterArg]) ->
     return md
 
 
+def _output_bytes(files: Sequence[str | Path], out_dtype: str | None) -> int:
+    """About how large the rewritten `files` are: their size, with floating tensors at `out_dtype`."""
+    total = 0
+    for file in files:
+        total += os.path.getsize(file)
+        if out_dtype and str(file).endswith(".safetensors"):
+            header, _ = read_safetensors_header(file)
+            for info in header.values():
+                if info.dtype in FLOAT_DTYPES:
+                    total += info.nbytes * DTYPE_BITS[out_dtype] // DTYPE_BITS[info.dtype] - info.nbytes
+    return total
+
+
 def _write_single(base: BaseModel, out: Path, ops, out_dtype, adapters, verify: int, report) -> None:
     src_file = base.files[0]
 
     def write(tmp: Path) -> None:
         with SafetensorsInput(src_file) as src, open(tmp, "wb") as f:
-            rewrite_safetensors(src, f, _patcher(src, src_file, ops), out_dtype,
+            rewrite_safetensors(src, f, _patcher(src, src_file, ops, adapters, out_dtype), out_dtype,
                                 _merge_metadata(base.metadata, adapters))
         if verify:
             _verify({src_file: str(tmp)}, ops, verify, report)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, write)
+    atomic_write(out, write, size_hint=_output_bytes([src_file], out_dtype))
 
 
 def _write_diffusers(base: BaseModel, out: Path, ops, out_dtype, verify: int, report) -> None:
     root = Path(base.path)
     rewritten: dict[str, str] = {}
-    with atomic_directory(out) as tmp:
+    size = _output_bytes([p for p in root.rglob("*") if p.is_file()], out_dtype)
+    with atomic_directory(out, size_hint=size) as tmp:
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root)
             target = tmp / rel
@@ -351,7 +414,8 @@ def _write_diffusers(base: BaseModel, out: Path, ops, out_dtype, verify: int, re
             target.parent.mkdir(parents=True, exist_ok=True)
             if str(path) in base.files or (out_dtype and path.name.endswith(".safetensors")):
                 with SafetensorsInput(path) as src, open(target, "wb") as f:
-                    rewrite_safetensors(src, f, _patcher(src, str(path), ops), out_dtype, src.metadata or None)
+                    rewrite_safetensors(src, f, _patcher(src, str(path), ops, report.adapters, out_dtype), out_dtype,
+                                        src.metadata or None)
                 rewritten[str(path)] = str(target)
             elif path.suffix == ".bin" and path.parent.name in ("unet", "text_encoder", "text_encoder_2"):
                 log.warning("lycoft: dropping %s: its safetensors sibling carries the merged weights", rel)
@@ -405,8 +469,7 @@ def merge_adapters(
     _check_paths(base_p, out_p, args, force)
     out_dtype = _out_dtype(dtype)
     loaded = _load_adapters(args)
-    workdir = str(out_p.parent) if out_p.parent.is_dir() else None
-    with open_base(base_p, workdir=workdir) as model:
+    with open_base(base_p, next_to=out_p) as model:
         report = MergeReport(str(base_p), str(out_p), model.kind, model.family, args)
         ops = _plan(model, args, loaded, allow_partial, report)
         report.patched_tensors = len(ops)
@@ -418,4 +481,4 @@ def merge_adapters(
     return report
 
 
-__all__ = ["AdapterArg", "MergeReport", "apply_spec", "merge_adapters"]
+__all__ = ["AdapterArg", "MergeReport", "MergeVerificationError", "apply_spec", "merge_adapters"]

@@ -23,6 +23,7 @@ from .io.errors import AdapterFileError
 from .layers import SUPPORTED, OFTLayer, layer_dims
 from .naming import UNET_PREFIX, to_key
 from .network_files import copy_into, load_into_network, save_network
+from .ops import check_multiplier
 from .rotations import RotationCache
 from .targets import Target, check_preset, select_targets, te_key_function, unet_key_function
 
@@ -99,12 +100,14 @@ class Network(nn.Module):
 
     # -- runtime --------------------------------------------------------------------------------------
     def set_multiplier(self, multiplier: float, component: str | None = None) -> None:
-        """Strength of every adapter (or of one component: ``"unet"``, ``"te1"``...). 0 gives the base model."""
+        """Strength of every adapter (or of one component: ``"unet"``, ``"te1"``...). 0 gives the base model.
+        A strength that is not a finite number is refused (ValueError)."""
+        multiplier = check_multiplier(multiplier)
         if component is None:
-            self.multiplier = float(multiplier)
+            self.multiplier = multiplier
         for key, layer in self.adapters.items():
             if component is None or self.components[key] == component:
-                layer.multiplier = float(multiplier)
+                layer.multiplier = multiplier
 
     def enable(self, on: bool = True) -> None:
         for layer in self.adapters.values():
@@ -113,6 +116,8 @@ class Network(nn.Module):
     @torch.no_grad()
     def merge(self, multiplier: float | None = None) -> None:
         """Bake the adapters into the model weights (in place) and detach them."""
+        if multiplier is not None:
+            multiplier = check_multiplier(multiplier)
         for layer in self.adapters.values():
             W = layer.base.weight
             W.copy_(layer.merged_weight(multiplier).to(W.dtype))
@@ -184,6 +189,7 @@ def inject(
     ``network_class``: a `Network` subclass to build (kohya's entry points); ``apply=False`` builds the
     adapters without routing the model through them yet.
     """
+    check_multiplier(multiplier)
     unet, tes = _resolve_models(unet, text_encoders, pipe)
     config = config or AdapterConfig()
     family = family or detect_family(unet, tes)
@@ -278,6 +284,7 @@ def load(
     allow_partial: bool = False,
 ) -> Network:
     """Read an adapter file and attach it to the model; returns the applied `Network`."""
+    check_multiplier(multiplier)
     unet, tes = _resolve_models(unet, text_encoders, pipe)
     specs, metadata = read_adapter(path)
     net = Network(family or metadata.get("lycoft.family") or detect_family(unet, tes))
@@ -287,11 +294,14 @@ def load(
 
 
 def attach_specs(net: Network, specs: Mapping[str, ModuleSpec], unet: nn.Module | None,
-                 text_encoders: Sequence[nn.Module], path: str = "<tensors>", allow_partial: bool = False) -> None:
+                 text_encoders: Sequence[nn.Module], path: str = "<tensors>", allow_partial: bool = False,
+                 settings: Mapping[str, Any] | None = None) -> None:
     """Create one adapter per file module on the layer it names and copy the file's values into it.
 
     Keys that match no layer are an error naming them, unless ``allow_partial`` (then a warning; still an
-    error when nothing matches). A layer of another width is always an error.
+    error when nothing matches). A layer of another width is always an error. ``settings``: `AdapterConfig`
+    fields that replace the file's for every module (options a file does not fix, such as dropout to train
+    with).
     """
     index = candidate_index(unet, text_encoders, net.family)
     unmatched: list[str] = []
@@ -307,7 +317,8 @@ def attach_specs(net: Network, specs: Mapping[str, ModuleSpec], unet: nn.Module 
                 f"{path}: {key} rotates {spec.layout_dim} channels ({tuple(spec.blocks.shape)}) but "
                 f"{comp} layer {mpath} has {dim}; the adapter was trained for another model or family"
             )
-        layer = net.add(Target(comp, mpath, key, module, spec.config()), layout=spec.layout())
+        config = spec.config().replace(**settings) if settings else spec.config()
+        layer = net.add(Target(comp, mpath, key, module, config), layout=spec.layout())
         copy_into(layer, spec)
     if unmatched:
         shown = ", ".join(unmatched[:10]) + (f" ... ({len(unmatched)} in all)" if len(unmatched) > 10 else "")

@@ -118,7 +118,7 @@ def test_two_merges_onto_one_output_leave_one_complete_merge(inputs, tmp_path):
 
 
 def test_stale_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
-    """What SIGKILL leaves (an unlocked `.<name>.<hex>.tmp` over a minute old) goes at the next write of
+    """What SIGKILL leaves (an unlocked `.<name>.<hex>.tmp` untouched for a few seconds) goes at the next write of
     that name; a temporary a live writer holds locked, a fresh one, or another name's are kept."""
     import fcntl
 

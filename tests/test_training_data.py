@@ -157,17 +157,17 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         if __import__("importlib").util.find_spec("bitsandbytes"):
             pytest.skip("bitsandbytes is installed")
         return base + ["--train_data_dir", str(good), "--optimizer_type", "AdamW8bit"], "needs bitsandbytes"
-    if name == "prompt file without prompts":
-        prompts = tmp_path / "p.txt"
-        prompts.write_text("# only a comment\n\n")
-        return base + ["--train_data_dir", str(good), "--sample_prompts", str(prompts)], "has no prompts"
+    if name == "prompt file that is not kohya's JSON":
+        prompts = tmp_path / "p.json"
+        prompts.write_text('{"prompt": "a dog"}')
+        return base + ["--train_data_dir", str(good), "--sample_prompts", str(prompts)], "is a list of prompts"
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("name", [
     "missing image folder", "missing image_dir in the dataset toml", "empty dataset", "only unreadable images",
     "unknown flag", "typo in the config toml", "typo in the dataset toml", "optimizer that cannot be imported",
-    "8-bit AdamW without bitsandbytes", "prompt file without prompts",
+    "8-bit AdamW without bitsandbytes", "prompt file that is not kohya's JSON",
 ])
 def test_bad_input_fails_clearly_before_any_model_loads(tmp_path, no_model, capsys, name):
     argv, message = _case(tmp_path, name)

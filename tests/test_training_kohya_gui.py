@@ -7,10 +7,10 @@ Prodigy, not AdamW8bit: bitsandbytes has no CPU kernels, and the tests run on a 
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 from pathlib import Path
 
-from PIL import Image
 from safetensors import safe_open
 
 from lycoft.training import loop
@@ -23,8 +23,6 @@ def test_a_kohya_gui_sdxl_lora_config_trains_and_saves(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)  # the config's paths are relative, like a GUI project folder
     folder = tmp_path / "img" / "1_sks toy"
     folder.mkdir(parents=True)
-    import random
-
     rng = random.Random(0)
     for i, size in enumerate([(320, 256), (256, 320)]):  # two aspect ratios: two buckets
         draw_toy(size, rng).save(folder / f"toy_{i}.png")

@@ -26,6 +26,8 @@ import sys
 
 from ..checkpoints.families import FAMILIES
 from ..convert import convert_adapter
+from .argtypes import finite_float
+from .runner import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="UNet key names of --to lycoris (default: LDM for SDXL, diffusers for SD1/SD2)")
     parser.add_argument("--family", choices=list(FAMILIES),
                         help="model family (default: from --base, the file's metadata or its key names)")
-    parser.add_argument("--multiplier", type=float, default=1.0, help="strength baked into --to diff (default 1)")
+    parser.add_argument("--multiplier", type=finite_float, default=1.0,
+                        help="strength baked into --to diff (default 1)")
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                         help="dtype of the written tensors (diff default: the base weights' dtype)")
     parser.add_argument("--component", choices=["unet", "te1", "te2"],
@@ -54,19 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `argv`, convert; returns the exit status (2: an error, printed as one line)."""
-    args = build_parser().parse_args(argv)
+    """Parse `argv`, convert; returns the exit status (`lycoft.cli.runner`: 2 for an error printed as one line)."""
+    return run_command("lycoft-convert", lambda: _convert(build_parser().parse_args(argv)))
+
+
+def _convert(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        report = convert_adapter(args.src, args.out, args.to, base=args.base, keys=args.keys, family=args.family,
-                                 multiplier=args.multiplier, dtype=args.dtype, force=args.force,
-                                 allow_partial=args.allow_partial, component=args.component,
-                                 peft_config=args.peft_config, peft_layout=args.peft_layout)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = convert_adapter(args.src, args.out, args.to, base=args.base, keys=args.keys, family=args.family,
+                             multiplier=args.multiplier, dtype=args.dtype, force=args.force,
+                             allow_partial=args.allow_partial, component=args.component,
+                             peft_config=args.peft_config, peft_layout=args.peft_layout)
     print(report.summary())
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 
 from ..checkpoints.families import FAMILIES
 from ..inspect import inspect_adapter, plot_inspection
+from .argtypes import positive_int
+from .runner import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", metavar="PNG", help="write a per-layer chart")
     parser.add_argument("--json", action="store_true", help="print everything as JSON instead of text")
     parser.add_argument("--all", action="store_true", help="list every layer, in model order")
-    parser.add_argument("--top", type=int, default=20, help="layers listed otherwise (largest rotation first)")
+    parser.add_argument("--top", type=positive_int, default=20, help="layers listed otherwise (largest rotation first)")
     parser.add_argument("--family", choices=list(FAMILIES), help="model family (default: detected)")
     parser.add_argument("--component", choices=["unet", "te1", "te2"], help="model of bare PEFT keys")
     parser.add_argument("--peft-config", help="adapter_config.json of a PEFT file that does not carry it")
@@ -35,21 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `argv`, inspect the adapter, print the result; returns the exit status (2: an error)."""
-    args = build_parser().parse_args(argv)
+    """Parse `argv`, inspect the adapter, print the result; returns the exit status (`lycoft.cli.runner`)."""
+    return run_command("lycoft-inspect", lambda: _inspect(build_parser().parse_args(argv)))
+
+
+def _inspect(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        result = inspect_adapter(args.adapter, base=args.base, family=args.family, component=args.component,
-                                 peft_config=args.peft_config)
-        if args.plot:
-            plot_inspection(result, args.plot)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = inspect_adapter(args.adapter, base=args.base, family=args.family, component=args.component,
+                             peft_config=args.peft_config)
+    if args.plot:
+        plot_inspection(result, args.plot)
     print(result.to_json() if args.json else result.text(top=args.top, show_all=args.all))
     if args.plot and not args.json:
         print(f"plot: {args.plot}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import logging
 import sys
 
 from ..merge import AdapterArg, merge_adapters
+from .argtypes import non_negative_int
+from .runner import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,24 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--allow-partial", action="store_true",
                         help="merge even if some adapter keys match no layer of the base (they are listed)")
-    parser.add_argument("--verify", nargs="?", const=8, default=0, type=int, metavar="N",
+    parser.add_argument("--verify", nargs="?", const=8, default=0, type=non_negative_int, metavar="N",
                         help="before moving the output into place, check N merged layers (default 8) against the "
                              "adapters applied on the fly")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `argv`, merge; returns the exit status (2: an error, printed as one line)."""
-    args = build_parser().parse_args(argv)
+    """Parse `argv`, merge; returns the exit status (`lycoft.cli.runner`: 2 for an error printed as one line)."""
+    return run_command("lycoft-merge", lambda: _merge(build_parser().parse_args(argv)))
+
+
+def _merge(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        report = merge_adapters(args.base, [AdapterArg.parse(a) for a in args.adapter], args.out, dtype=args.dtype,
-                                force=args.force, allow_partial=args.allow_partial, verify=args.verify)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    adapters = [AdapterArg.parse(a) for a in args.adapter]
+    report = merge_adapters(args.base, adapters, args.out, dtype=args.dtype, force=args.force,
+                            allow_partial=args.allow_partial, verify=args.verify)
     print(report.summary())
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from ..checkpoints import build_tiny_pipeline, save_diffusers, save_single_file
 from ..checkpoints.families import FAMILIES
+from .argtypes import seed
+from .runner import EXIT_USER_ERROR, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,22 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors file or folder")
     parser.add_argument(
-        "--seed", type=int, default=0, help="weights are a deterministic function of the seed"
+        "--seed", type=seed, default=0, help="weights are a deterministic function of the seed"
     )
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `argv`, build the tiny pipeline, save it; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Parse `argv`, build the tiny pipeline, save it; returns the exit status (`lycoft.cli.runner`)."""
+    return run_command("lycoft-tiny-model", lambda: _tiny_model(build_parser().parse_args(argv)))
 
+
+def _tiny_model(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; pass --force to replace it", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if args.format == "single-file" and args.out.suffix.lower() != ".safetensors":
         print(f"error: single-file output {args.out} must end in .safetensors", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
     pipe = build_tiny_pipeline(args.family, seed=args.seed)
     if args.format == "single-file":

@@ -228,14 +228,30 @@ def _component_of(path: str, component: str | None) -> tuple[str, str]:
     return ("te1" if _TE_PATH.match(path) else "unet"), path
 
 
+def _config_json(text: str, source: str) -> dict[str, Any]:
+    """A PEFT config from JSON text; an error naming `source` (a file, or a file's metadata key) if broken."""
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise AdapterFileError(source, f"is not valid JSON ({e})", "give the adapter_config.json PEFT wrote") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(source, f"holds a JSON {type(config).__name__}, not an object of PEFT options",
+                               "give the adapter_config.json PEFT wrote")
+    return config
+
+
 def _find_config(path: Path, metadata: Mapping[str, str], explicit: str | None) -> tuple[dict, str]:
     if explicit:
-        return json.loads(Path(explicit).read_text()), "given"
+        try:
+            text = Path(explicit).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise AdapterFileError(explicit, f"cannot be read ({e})", "check the --peft-config path") from None
+        return _config_json(text, explicit), "given"
     if METADATA_KEY in metadata:
-        return json.loads(metadata[METADATA_KEY]), "metadata"
+        return _config_json(metadata[METADATA_KEY], f"{path}: metadata {METADATA_KEY!r}"), "metadata"
     beside = path.parent / CONFIG_FILE
     if beside.is_file():
-        return json.loads(beside.read_text()), "file"
+        return _config_json(beside.read_text(encoding="utf-8", errors="replace"), str(beside)), "file"
     raise AdapterFileError(
         str(path), f"is a PEFT adapter without its config (no {METADATA_KEY!r} metadata, no {CONFIG_FILE} beside it)",
         "pass the adapter_config.json with --peft-config: the Cayley convention (use_cayley_neumann) "

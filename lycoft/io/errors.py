@@ -6,6 +6,7 @@ which key (when one is to blame), what is wrong with which value, and what the u
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -36,6 +37,32 @@ class AdapterFileError(ValueError):
 class UnsafeCheckpointError(AdapterFileError):
     """A pickle checkpoint needs arbitrary Python objects to load, i.e. it could run code when loaded.
 
-    Raised instead of loading it; the user converts it to safetensors from a trusted environment, or
-    says explicitly that they trust it (``allow_pickle=True``, ``--allow-pickle`` on command lines).
+    Raised instead of loading it; the user converts it to safetensors from a trusted environment, or,
+    from Python, says explicitly that they trust it (``allow_pickle=True``).
     """
+
+
+class DiskFullError(OSError):
+    """The disk ran out of space (or quota) while an output was written; the partial output is removed.
+
+    The message names the folder, the space left and about how much the output needs, instead of the
+    bare ``[Errno 28]``. ``errno`` stays ENOSPC / EDQUOT, so code that checks it keeps working.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], free: int, needed: int | None, written: int | None = None,
+                 code: int = errno.ENOSPC):
+        self.folder, self.free, self.needed, self.written = os.fspath(folder), free, needed, written
+        if written is not None and (needed is None or written > needed):
+            need = f"more than {_mb(written)} needed (that much was written when it filled up)"
+        else:
+            need = f"about {_mb(needed or 0)} needed"
+        self.message = (f"the disk holding {self.folder} is full: {_mb(free)} free, {need}; free some space "
+                        "or write the output to another disk")
+        super().__init__(code, self.message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 10e6 else f"{n / 1e6:.1f} MB"

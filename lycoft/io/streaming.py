@@ -32,6 +32,7 @@ SAFETENSORS_DTYPE = {
     torch.bool: "BOOL",
 }  # fmt: skip
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_TORCH_OF = {name: dtype for dtype, name in SAFETENSORS_DTYPE.items() if name in FLOAT_DTYPES}
 DTYPE_CHOICES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype of the tools
 
 
@@ -134,6 +135,15 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
+
+
+def fits_dtype(t: torch.Tensor, dtype: str) -> bool:
+    """Whether every value of the floating tensor `t` is finite, and stays finite once stored as `dtype`
+    (``"F16"``: at most 65504). A patched weight that fails would load as inf/NaN without complaint."""
+    if t.numel() == 0:
+        return True
+    torch_dtype = _TORCH_OF.get(dtype, torch.float32)
+    return bool(torch.isfinite(t).all()) and float(t.abs().max()) <= torch.finfo(torch_dtype).max
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -3,7 +3,8 @@
 A pickle can call any Python function while it loads, so a checkpoint from a stranger is a program.
 We load with torch's restricted unpickler (``weights_only=True``), which builds tensors, containers and
 numbers only. A file that needs more is refused with `UnsafeCheckpointError`, unless the caller says
-explicitly that they trust it (``allow_pickle=True``; ``--allow-pickle`` on command lines).
+explicitly, from Python, that they trust it (``allow_pickle=True``); the command lines never unpickle
+code.
 
 Two kinds of harmless object are common in real Stable Diffusion checkpoints and would otherwise force
 users onto ``allow_pickle`` (which is far worse): numpy scalars (training statistics) and PyTorch
@@ -32,8 +33,9 @@ from lycoft.io.safe_io import FIX_TRUNCATED, read_safetensors, require_regular_f
 logger = logging.getLogger(__name__)
 
 _FIX_UNSAFE = (
-    "convert it to .safetensors in an environment you trust, or, only if you trust its source, "
-    "load it with allow_pickle=True (--allow-pickle on command lines)"
+    "only if you trust its source: convert it to .safetensors and use that file (in Python: torch.load(path, "
+    "weights_only=False), then safetensors.torch.save_file with its tensors), or from Python pass "
+    "allow_pickle=True"
 )
 # Keys under which training frameworks nest the weights: Lightning/CompVis `{"state_dict": {...}}`,
 # various trainers `{"model": {...}}`.
@@ -101,8 +103,11 @@ def _names_missing_object(name: str) -> bool:
 
     A pickle cut in the middle of `collections.OrderedDict` asks for `collections.Order`: that is damage,
     not an unsafe object. Only modules already in `sys.modules` are consulted; nothing is imported.
+    ``__main__`` is the script that saved the file, not this program: its classes are unsafe, not missing.
     """
     parts = name.split(".")
+    if parts[0] == "__main__":
+        return False
     for i in range(len(parts) - 1, 0, -1):
         module = sys.modules.get(".".join(parts[:i]))
         if module is None:

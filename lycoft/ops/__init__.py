@@ -15,7 +15,7 @@ from .cayley import (
     orthogonality_error,
     skew,
 )
-from .merge import adapter_rotation, merged_weight
+from .merge import adapter_rotation, check_multiplier, merged_weight
 
 __all__ = [
     "adapter_rotation",
@@ -24,6 +24,7 @@ __all__ = [
     "butterfly_stage",
     "cayley",
     "cayley_of_raw",
+    "check_multiplier",
     "compute_dtype",
     "constrain",
     "constraint_scale",

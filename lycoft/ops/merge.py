@@ -13,10 +13,25 @@ Semantics (lycoft's strength, the LyCORIS formula):
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from .apply import rotate_weight
 from .cayley import cayley, cayley_of_raw, compute_dtype, constrain, interpolate, skew
+
+
+def check_multiplier(multiplier: object, what: str = "multiplier") -> float:
+    """`multiplier` as a float, or a ValueError naming it (`what` says where it came from) when it is not a
+    finite number: NaN or an infinite strength would make every weight it touches NaN."""
+    fix = "use a number such as 1 (the adapter as trained), 0.5, or 0 (the base model)"
+    try:
+        value = float(multiplier)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {multiplier!r} is not a number; {fix}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} {value} is not a finite number and would make every adapted weight NaN; {fix}")
+    return value
 
 
 def adapter_rotation(blocks: Tensor, *, constraint: float = 0.0, multiplier: float = 1.0) -> Tensor:

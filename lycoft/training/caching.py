@@ -3,7 +3,8 @@
 The encoders live elsewhere; each cache takes a callable (``encode``) and only decides when to call
 it and where results are kept: in memory, or in ``.npz`` files that survive the run. A cached value
 is reused only while everything it was computed from is unchanged (the image file's size and mtime,
-its bucket and crop; the caption text and a caller-given namespace for the text encoder).
+its bucket and crop, its loss mask's file; the caption text and a caller-given namespace for the text
+encoder). An image's loss mask is cached with its latent, so masked training keeps the cache's speed.
 """
 
 from __future__ import annotations
@@ -48,12 +49,23 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class MaskSource:
+    """Where an image's loss mask comes from: one channel of an image file, ``"A"`` (the alpha of the
+    image itself) or ``"R"`` (the red channel of a separate mask image)."""
+
+    path: Path
+    channel: str = "A"
+
+
+@dataclass(frozen=True)
 class LatentRequest:
-    """One latent to cache: an image, its crop plan, and whether it is mirrored."""
+    """One latent to cache: an image, its crop plan, whether it is mirrored, and its loss mask's source
+    (cached with the latent) if it has one."""
 
     image_path: Path
     plan: CropPlan
     flip: bool = False
+    mask: MaskSource | None = None
 
 
 class LatentCache:
@@ -67,7 +79,8 @@ class LatentCache:
         dtype: cast latents to this on the way out (e.g. ``torch.float16`` to halve memory).
 
     ``encode_calls`` / ``encoded_images`` count the work done, so callers (and tests) can see that a
-    warm cache encodes nothing.
+    warm cache encodes nothing. Requests with a `MaskSource` also cache the mask that ``load_mask(request)``
+    gives (`fill`, `entry`).
     """
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], *, to_disk: bool = False,
@@ -78,7 +91,7 @@ class LatentCache:
         self.dtype = dtype
         self.encode_calls = 0
         self.encoded_images = 0
-        self._memory: dict[tuple[str, bool], tuple[str, torch.Tensor]] = {}
+        self._memory: dict[tuple[str, bool], tuple[str, torch.Tensor, torch.Tensor | None]] = {}
 
     def disk_path(self, image_path: Path) -> Path:
         image_path = Path(image_path).resolve()
@@ -89,45 +102,66 @@ class LatentCache:
 
     @staticmethod
     def fingerprint(req: LatentRequest) -> str:
-        """Everything a latent depends on except the flip (both orientations share one file)."""
+        """Everything a latent (and its mask) depends on except the flip (both orientations share one file)."""
         path = Path(req.image_path).resolve()
         st = path.stat()
-        return json.dumps({
+        facts: dict[str, Any] = {
             "format": _FORMAT, "image": str(path), "mtime_ns": st.st_mtime_ns, "bytes": st.st_size,
             "resized": list(req.plan.resized), "left_top": list(req.plan.left_top),
             "target": list(req.plan.target),
-        }, sort_keys=True)
+        }
+        if req.mask is not None:
+            mask_path = Path(req.mask.path).resolve()
+            mst = mask_path.stat()
+            facts["mask"] = {"file": str(mask_path), "channel": req.mask.channel, "mtime_ns": mst.st_mtime_ns,
+                             "bytes": mst.st_size}
+        return json.dumps(facts, sort_keys=True)
 
     @staticmethod
-    def _variant(flip: bool) -> str:
-        return "latents_flipped" if flip else "latents"
+    def _variant(flip: bool, what: str = "latents") -> str:
+        return f"{what}_flipped" if flip else what
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype) if self.dtype is not None else t
 
-    def _lookup(self, req: LatentRequest, fingerprint: str) -> torch.Tensor | None:
+    def _lookup(self, req: LatentRequest, fingerprint: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         if self.to_disk:
             data = _load_npz(self.disk_path(req.image_path))
             if data is None or "meta" not in data or str(data["meta"]) != fingerprint:
                 return None
             arr = data.get(self._variant(req.flip))
-            return None if arr is None else self._out(torch.from_numpy(arr))
+            mask = data.get(self._variant(req.flip, "mask")) if req.mask is not None else None
+            if arr is None or (req.mask is not None and mask is None):
+                return None
+            return self._out(torch.from_numpy(arr)), None if mask is None else torch.from_numpy(mask)
         hit = self._memory.get((str(Path(req.image_path).resolve()), req.flip))
         if hit is None or hit[0] != fingerprint:
             return None
-        return self._out(hit[1])
+        return self._out(hit[1]), hit[2]
 
-    def _store(self, req: LatentRequest, fingerprint: str, latent: torch.Tensor) -> None:
+    def _store(self, req: LatentRequest, fingerprint: str, latent: torch.Tensor,
+               mask: torch.Tensor | None = None) -> None:
         latent = latent.detach().to("cpu")
         if not self.to_disk:
-            self._memory[(str(Path(req.image_path).resolve()), req.flip)] = (fingerprint, latent)
+            self._memory[(str(Path(req.image_path).resolve()), req.flip)] = (fingerprint, latent, mask)
             return
         path = self.disk_path(req.image_path)
         data = _load_npz(path)
         arrays = dict(data) if data is not None and str(data.get("meta", "")) == fingerprint else {}
         arrays["meta"] = np.array(fingerprint)
         arrays[self._variant(req.flip)] = _to_numpy(latent)
+        if mask is not None:
+            arrays[self._variant(req.flip, "mask")] = _to_numpy(mask)
         _save_npz_atomic(path, arrays)
+
+    @staticmethod
+    def _mask_for(req: LatentRequest, load_mask: Callable[[LatentRequest], torch.Tensor] | None,
+                  ) -> torch.Tensor | None:
+        if req.mask is None:
+            return None
+        if load_mask is None:
+            raise ValueError(f"{req.image_path} has a loss mask ({req.mask.path}); pass load_mask to cache it")
+        return load_mask(req).detach().to("cpu", torch.float32)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -141,9 +175,11 @@ class LatentCache:
         return latents
 
     def fill(self, requests: Iterable[LatentRequest], load: Callable[[LatentRequest], torch.Tensor], *,
-             batch_size: int = 1, progress: Callable[[int, int], None] | None = None) -> int:
+             batch_size: int = 1, progress: Callable[[int, int], None] | None = None,
+             load_mask: Callable[[LatentRequest], torch.Tensor] | None = None) -> int:
         """Encode every request not already cached, ``batch_size`` same-sized crops per `encode` call.
-        ``load(request)`` gives the ``(3, H, W)`` pixels. Returns how many images were encoded."""
+        ``load(request)`` gives the ``(3, H, W)`` pixels, ``load_mask(request)`` the mask of a request that
+        has one. Returns how many images were encoded."""
         todo: dict[tuple[int, int], list[tuple[LatentRequest, str]]] = {}
         for req in requests:
             fp = self.fingerprint(req)
@@ -156,7 +192,7 @@ class LatentCache:
                 chunk = items[i:i + batch_size]
                 latents = self._encode(torch.stack([load(req) for req, _ in chunk]))
                 for (req, fp), lat in zip(chunk, latents):
-                    self._store(req, fp, lat)
+                    self._store(req, fp, lat, self._mask_for(req, load_mask))
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)
@@ -167,6 +203,12 @@ class LatentCache:
     ) -> torch.Tensor:
         """The cached latent; on a miss (never filled, or the image changed) it is encoded now when
         ``load`` is given. Misses inside DataLoader workers would run `encode` there: fill first."""
+        return self.entry(req, load)[0]
+
+    def entry(self, req: LatentRequest, load: Callable[[LatentRequest], torch.Tensor] | None = None,
+              load_mask: Callable[[LatentRequest], torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the cached latent, its cached mask or None when the request has no mask), as `get`."""
         fp = self.fingerprint(req)
         hit = self._lookup(req, fp)
         if hit is not None:
@@ -174,8 +216,9 @@ class LatentCache:
         if load is None:
             raise KeyError(f"no cached latent for {req.image_path} (flip={req.flip}); call fill() first")
         latent = self._encode(load(req).unsqueeze(0))[0]
-        self._store(req, fp, latent)
-        return self._out(latent.detach().to("cpu"))
+        mask = self._mask_for(req, load_mask)
+        self._store(req, fp, latent, mask)
+        return self._out(latent.detach().to("cpu")), mask
 
 
 TextOutputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor]

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lycoft.training.config_files import load_config_toml
+from lycoft.training.config_files import load_config_toml, write_command_line_config
 from lycoft.training.errors import ConfigError, did_you_mean
 from lycoft.training.flags import TrainConfig, check_value, flag_table, value_from_text
 from lycoft.training.kohya_flags import ALIASES, UNSUPPORTED, refusal
@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"help": help_text, "dest": f.name}
         if f.kind == "bool":
             kwargs.update(nargs="?", const="true", metavar="true|false")
-        elif f.kind == "list":
-            kwargs.update(nargs="*", metavar="KEY=VALUE")
-        elif f.kind == "floats":
+        elif f.kind in ("list", "files"):
+            kwargs.update(nargs="*", metavar="KEY=VALUE" if f.kind == "list" else "FILE")
+        elif f.kind in ("floats", "numbers"):
             kwargs.update(nargs="+", metavar="X")
         elif f.choices:
             kwargs.update(metavar="{" + "|".join(f.choices) + "}")
@@ -99,7 +99,8 @@ def parse_args(argv: Sequence[str] | None = None, *, check: bool = True) -> Trai
     """Command line (+ the ``--config`` TOML it names) -> a checked `TrainConfig`.
 
     Precedence: command line > TOML > defaults. ``check=False`` skips `validate` (cross-field rules
-    and path checks); types and names are always checked. ``--help`` prints and exits.
+    and path checks); types and names are always checked. ``--help`` prints and exits; so does
+    ``--output_config``, after writing the command line's flags to the ``--config`` path.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -111,6 +112,10 @@ def parse_args(argv: Sequence[str] | None = None, *, check: bool = True) -> Trai
         name: check_value(table[name], value_from_text(table[name], text, f"--{name}"), f"--{name}")
         for name, text in vars(namespace).items()
     }
+    if from_cli.get("output_config"):  # kohya: write the command line to the config path instead of training
+        written = write_command_line_config(from_cli, from_cli.get("config"))
+        logger.info("wrote the command line's flags to %s; not training (--output_config)", written)
+        raise SystemExit(0)
     values = {name: f.default for name, f in table.items()}
     config_path = from_cli.get("config")
     if config_path:

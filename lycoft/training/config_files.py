@@ -1,10 +1,11 @@
 """Training TOML files in and out: reading one (flat, or kohya-style sections) into checked flag values,
-and writing a resolved `TrainConfig` back so that ``--config`` reproduces it."""
+writing a resolved `TrainConfig` back so that ``--config`` reproduces it, writing the command line's flags
+(``--output_config``), and reading a tracker config (``--log_tracker_config``)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,10 @@ def load_config_toml(path: str | Path, overridden: Collection[str] = ()) -> dict
         name = ALIASES.get(key, key)
         if name == "config":
             problems.append(f"key {key!r} in {section} of {path}: a config file cannot name another one")
+        elif name == "output_config":
+            if value is not False:
+                problems.append(f"key {key!r} in {section} of {path}: --output_config works on the command line "
+                                "only (it writes the file that --config names)")
         elif name in table:
             if name in found:
                 problems.append(f"key {name!r} is set twice in {path}: in {found[name][1]} and in {section}; "
@@ -98,20 +103,25 @@ def load_config_toml(path: str | Path, overridden: Collection[str] = ()) -> dict
     }
 
 
-def config_to_toml(cfg: TrainConfig) -> str:
-    """The resolved config as TOML, grouped in sections like `--help`; `parse_args(['--config', f])`
-    reads it back to an equal config. Unset values are left out (TOML has no null)."""
+def _settings_toml(values: Mapping[str, Any], header: str) -> str:
+    """Flag values as TOML, grouped in sections like `--help`. Unset values are left out (TOML has no null),
+    and so are the flags about the config file itself."""
     import toml
 
     sections: dict[str, dict[str, Any]] = {}
     for name, f in flag_table().items():
-        value = getattr(cfg, name)
-        if value is None or name == "config":
+        value = values.get(name)
+        if value is None or f.group == "config":
             continue
         if f.kind == "resolution":
             value = value[0] if value[0] == value[1] else f"{value[0]},{value[1]}"
         sections.setdefault(f.group, {})[name] = value
-    return "# resolved lycoft training config; reuse with --config\n" + toml.dumps(sections)
+    return header + toml.dumps(sections)
+
+
+def config_to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML; `parse_args(['--config', f])` reads it back to an equal config."""
+    return _settings_toml(cfg.to_dict(), "# resolved lycoft training config; reuse with --config\n")
 
 
 def save_config_toml(cfg: TrainConfig, path: str | Path) -> Path:
@@ -120,3 +130,38 @@ def save_config_toml(cfg: TrainConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_toml(cfg), encoding="utf-8")
     return path
+
+
+def write_command_line_config(values: Mapping[str, Any], target: str | None) -> Path:
+    """kohya's ``--output_config``: the flags given on the command line that are not at their defaults, as a
+    new TOML file at `target` (the ``--config`` path; ``.toml`` is added when missing, as kohya does). An
+    existing file is refused, never overwritten."""
+    if not target:
+        raise ConfigError("--output_config writes the command line's flags to the file --config names (kohya: "
+                          "--config_file); add --config my.toml")
+    path = Path(target if target.endswith(".toml") else target + ".toml")
+    table = flag_table()
+    given = {name: value for name, value in values.items() if value != table[name].default}
+    text = _settings_toml(given, "# lycoft training flags written by --output_config; train with --config\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise ConfigError(f"--output_config: {path} already exists and is not overwritten; give --config a new "
+                          "file name, or delete that file") from None
+    except OSError as e:
+        raise ConfigError(f"--output_config: cannot write {path} ({e.strerror or e}); choose another --config "
+                          "path") from None
+    return path
+
+
+def read_tracker_config(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``--log_tracker_config``: a TOML file of tracker keyword arguments, one table per tracker
+    (``[wandb]``, ``[tensorboard]``) -> {tracker: kwargs}."""
+    doc = read_toml(Path(path), "--log_tracker_config file")
+    loose = [key for key, value in doc.items() if not isinstance(value, dict)]
+    if loose:
+        raise ConfigError(f"--log_tracker_config {path}: {', '.join(map(repr, loose))} must be inside a table "
+                          "named after its tracker, e.g. [wandb] (keyword arguments of that tracker)")
+    return doc

@@ -5,11 +5,17 @@ regularization images are cycled until they fill as many slots as the training i
 rule), and all slots of a bucket are batched together by `BucketBatchSampler`. A sample is addressed
 by ``(epoch, slot)``; its flip, crop and caption augmentation are drawn from a generator seeded by
 ``(seed, epoch, slot)``, so a run is reproducible whatever the worker or process count.
+
+kohya's validation split holds a fraction of each training subset's images out (`split_paths`); they
+form the dataset's ``validation`` part (each image once, no regularization images). Images with a loss
+mask (alpha channel or a mask image, see `SubsetConfig`) carry it as ``mask``, resized, cropped and
+flipped like the image and averaged down to the latent grid.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lycoft.training.buckets import Bucketer, CropPlan, plan_crop
-from lycoft.training.caching import LatentCache, LatentRequest
+from lycoft.training.caching import LatentCache, LatentRequest, MaskSource
 from lycoft.training.captions import read_caption, split_tags, transform_caption
 from lycoft.training.dataset_config import (
     IMAGE_EXTENSIONS,
@@ -32,11 +38,13 @@ from lycoft.training.dataset_config import (
 )
 from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
+from lycoft.training.losses import resize_mask
 from lycoft.training.sampler import BucketBatchSampler, derive_seed
 
 logger = logging.getLogger(__name__)
 
 _ROTATING_EXIF = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+LATENT_FACTOR = 8  # pixels per latent cell along each side (the VAE's downsampling)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -56,21 +64,52 @@ def probe_image(path: Path) -> tuple[int, int]:
     return w, h
 
 
-def load_pixels(path: Path, plan: CropPlan, flip: bool = False) -> torch.Tensor:
-    """Decode, resize, crop and optionally mirror one image -> ``(3, H, W)`` float in [-1, 1]."""
+def _decode(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as raw:
-            im = ImageOps.exif_transpose(raw).convert("RGB")
+            return ImageOps.exif_transpose(raw).convert(mode)
     except OSError as e:
         raise ConfigError(f"could not decode {path} ({e}); remove or re-save the image") from None
+
+
+def _fit(im: Image.Image, plan: CropPlan, flip: bool) -> np.ndarray:
+    """Resize, crop and optionally mirror as `plan` says -> uint8 array ``(H, W[, channels])``."""
     if im.size != plan.resized:
         im = im.resize(plan.resized, resample=Image.Resampling.LANCZOS)
     left, top = plan.left_top
     im = im.crop((left, top, left + plan.target[0], top + plan.target[1]))
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(im, dtype=np.uint8).copy()
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def load_pixels(path: Path, plan: CropPlan, flip: bool = False) -> torch.Tensor:
+    """Decode, resize, crop and optionally mirror one image -> ``(3, H, W)`` float in [-1, 1]."""
+    arr = _fit(_decode(path, "RGB"), plan, flip)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def load_mask(source: MaskSource, plan: CropPlan, flip: bool = False) -> torch.Tensor:
+    """The loss mask of `source` fitted like its image (`plan`, `flip`) and area-averaged to the latent grid
+    -> ``(1, H/8, W/8)`` float in [0, 1] (kohya: alpha / 255, or a mask image's red channel / 255)."""
+    im = _decode(source.path, "RGBA" if source.channel == "A" else "RGB").getchannel(source.channel)
+    if im.size != plan.original:
+        raise ConfigError(f"mask {source.path} is {im.size[0]}x{im.size[1]} but its image is {plan.original[0]}x"
+                          f"{plan.original[1]}; a mask must have its image's size")
+    pixels = torch.from_numpy(_fit(im, plan, flip)).float().div_(255.0)
+    cells = (plan.target[1] // LATENT_FACTOR, plan.target[0] // LATENT_FACTOR)
+    return resize_mask(pixels[None, None], cells)[0]
+
+
+def split_paths(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """kohya's validation split of one subset: the images shuffled by ``random.Random(seed)``, the first
+    ``ceil(n * (1 - fraction))`` train and the rest are held out. Both lists keep `paths`' order."""
+    if not fraction:
+        return list(paths), []
+    order = list(paths)
+    random.Random(seed).shuffle(order)
+    kept = set(order[:math.ceil(len(order) * (1 - fraction))])
+    return [p for p in paths if p in kept], [p for p in paths if p not in kept]
 
 
 @dataclass(frozen=True)
@@ -83,6 +122,7 @@ class ImageRecord:
     subset: SubsetConfig
     dataset_index: int
     bucket: tuple[int, int]  # (width, height) it trains at
+    mask: MaskSource | None = None  # where its loss mask comes from, if it has one
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -95,16 +135,26 @@ class TrainingDataset(torch.utils.data.Dataset):
       ``flipped`` (bool tensor);
     - SDXL size conditioning as int64 tensors in SDXL's (height, width) / (top, left) order:
       ``original_size`` (the image before resizing), ``crop_top_left`` (in the resized image,
-      mirrored when flipped), ``target_size`` (the bucket).
+      mirrored when flipped), ``target_size`` (the bucket);
+    - ``mask``: ``(1, H/8, W/8)`` loss mask in [0, 1] when any subset has masks (all ones for images
+      without one).
 
     torch's default collate stacks these; use `batch_sampler` so every batch has one size.
 
     Unreadable images are skipped with one warning line each and listed in ``skipped_images``.
+    ``part="train"`` is what training uses (without the held-out images) and builds ``validation``, the
+    held-out images (None without a validation split); ``part="validation"`` is that part alone.
     """
 
-    def __init__(self, datasets: Sequence[DatasetConfig], *, seed: int = 0) -> None:
+    def __init__(self, datasets: Sequence[DatasetConfig], *, seed: int = 0, part: str = "train") -> None:
+        if part not in ("train", "validation"):
+            raise ValueError(f"part must be 'train' or 'validation', got {part!r}")
         self.datasets = list(datasets)
         self.seed = seed
+        self.part = part
+        self.masked = any(s.alpha_mask or s.conditioning_data_dir is not None
+                          for ds in self.datasets for s in ds.subsets)
+        self.validation: TrainingDataset | None = None
         self.records: list[ImageRecord] = []
         self.skipped_images: list[tuple[Path, str]] = []
         self.slots: list[int] = []  # slot -> record index
@@ -114,17 +164,33 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.num_reg_slots = 0
         for index, ds in enumerate(self.datasets):
             self._add_dataset(index, ds)
+        if part == "validation":
+            return
         if not self.records:
             dirs = ", ".join(str(s.image_dir) for ds in self.datasets for s in ds.subsets)
             raise ConfigError(f"no usable images in {dirs} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        if any(ds.validation_split for ds in self.datasets):
+            held_out = TrainingDataset(self.datasets, seed=seed, part="validation")
+            if held_out.records:
+                self.validation = held_out
+            else:
+                logger.warning("validation_split holds out no image (each subset keeps ceil(n * (1 - split)) "
+                               "images for training); raise validation_split to get a validation loss")
 
     # --- building ---
 
     def _scan_subset(self, subset: SubsetConfig, dataset_index: int, bucketer: Bucketer) -> list[ImageRecord]:
         if not subset.image_dir.is_dir():
             raise ConfigError(f"image folder {str(subset.image_dir)!r} does not exist")
+        paths = list_images(subset.image_dir)
+        masks = self._mask_sources(subset, paths)
+        ds = self.datasets[dataset_index]
+        if ds.validation_split and not subset.is_reg:  # kohya never splits regularization images
+            seed = self.seed if ds.validation_seed is None else ds.validation_seed
+            train, held_out = split_paths(paths, ds.validation_split, seed)
+            paths = held_out if self.part == "validation" else train
         records, fallback = [], 0
-        for path in list_images(subset.image_dir):
+        for path in paths:
             try:
                 size = probe_image(path)
             except Exception as e:  # Pillow raises many types for bad files; any of them means skip
@@ -136,12 +202,57 @@ class TrainingDataset(torch.utils.data.Dataset):
             if caption is None:
                 fallback += 1
                 caption = subset.class_tokens or ""
-            records.append(ImageRecord(path, size, caption, subset, dataset_index, bucketer.bucket_for(size)))
-        if fallback:
+            records.append(ImageRecord(path, size, caption, subset, dataset_index, bucketer.bucket_for(size),
+                                       masks.get(path)))
+        if fallback and self.part == "train":
             self._warn_caption_fallback(subset, fallback, len(records))
-        if not records:
+        if not records and self.part == "train":
             logger.warning("no usable images in %s; the subset is skipped", subset.image_dir)
+        self._check_mask_sizes(records)
         return records
+
+    def _mask_sources(self, subset: SubsetConfig, paths: list[Path]) -> dict[Path, MaskSource]:
+        """Each image's mask source: its own alpha channel (``alpha_mask``), or the image with its stem in
+        ``conditioning_data_dir`` (kohya's pairing; a missing mask is an error, a mask without an image a
+        warning)."""
+        if subset.alpha_mask:
+            return {p: MaskSource(p, "A") for p in paths}
+        folder = subset.conditioning_data_dir
+        if folder is None:
+            return {}
+        if not folder.is_dir():
+            raise ConfigError(f"conditioning_data_dir {str(folder)!r} of {subset.image_dir} is not a folder")
+        by_stem: dict[str, Path] = {}
+        for mask in list_images(folder):
+            by_stem.setdefault(mask.stem, mask)
+        missing = [p.name for p in paths if p.stem not in by_stem]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ConfigError(f"{len(missing)} image(s) of {subset.image_dir} have no mask in {folder} ({shown}); "
+                              "add a mask with the same file stem for each, or drop conditioning_data_dir")
+        unused = sorted(set(by_stem) - {p.stem for p in paths})
+        if unused and self.part == "train":
+            logger.warning("%d mask(s) in %s belong to no image of %s and are unused (e.g. %s)", len(unused), folder,
+                           subset.image_dir, by_stem[unused[0]].name)
+        return {p: MaskSource(by_stem[p.stem], "R") for p in paths}
+
+    @staticmethod
+    def _check_mask_sizes(records: list[ImageRecord]) -> None:
+        """A mask image must cover its image pixel for pixel (checked from the headers, before training)."""
+        wrong = []
+        for r in records:
+            if r.mask is not None and r.mask.channel == "R":
+                try:
+                    size = probe_image(r.mask.path)
+                except Exception as e:  # any Pillow error: the mask cannot be used
+                    why = f"{type(e).__name__}: {e}".splitlines()[0]
+                    raise ConfigError(f"could not read mask {r.mask.path} ({why}); re-save it") from None
+                if size != r.size:
+                    wrong.append(f"{r.mask.path.name} is {size[0]}x{size[1]}, "
+                                 f"{r.path.name} is {r.size[0]}x{r.size[1]}")
+        if wrong:
+            raise ConfigError(f"masks must have their image's size: {'; '.join(wrong[:5])}"
+                              + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
 
     @staticmethod
     def _warn_caption_fallback(subset: SubsetConfig, missing: int, total: int) -> None:
@@ -157,19 +268,12 @@ class TrainingDataset(torch.utils.data.Dataset):
         bucketer = Bucketer(ds.resolution, enable=ds.enable_bucket, min_reso=ds.min_bucket_reso,
                             max_reso=ds.max_bucket_reso, steps=ds.bucket_reso_steps,
                             no_upscale=ds.bucket_no_upscale)
-        train, reg = [], []
-        for subset in ds.subsets:
-            (reg if subset.is_reg else train).append(self._scan_subset(subset, index, bucketer))
-        train_records = [r for rs in train for r in rs]
-        reg_records = [r for rs in reg for r in rs]
-        if not train_records:
-            dirs = ", ".join(repr(str(s.image_dir)) for s in ds.subsets if not s.is_reg) or "(none)"
-            skipped = f" ({self.num_skipped} unreadable ones skipped)" if self.skipped_images else ""
-            why = "; regularization images alone cannot train an adapter" if reg_records else ""
-            raise ConfigError(f"no usable training images in {dirs}{skipped}; supported: "
-                              f"{', '.join(IMAGE_EXTENSIONS)}{why}")
-        repeats = [(r, r.subset.num_repeats) for r in train_records]
-        repeats += self._reg_repeats(reg_records, sum(n for _, n in repeats))
+        if self.part == "validation":  # kohya: the held-out images once each, no regularization images
+            if not ds.validation_split:
+                return
+            repeats = [(r, 1) for s in ds.subsets if not s.is_reg for r in self._scan_subset(s, index, bucketer)]
+        else:
+            repeats = self._training_repeats(index, ds, bucketer)
         for record, n in repeats:
             if n == 0:
                 continue
@@ -183,6 +287,22 @@ class TrainingDataset(torch.utils.data.Dataset):
                 self.num_reg_slots += n
             else:
                 self.num_train_slots += n
+
+    def _training_repeats(self, index: int, ds: DatasetConfig, bucketer: Bucketer) -> list[tuple[ImageRecord, int]]:
+        """Each training and regularization image of `ds` with its slots per epoch."""
+        train, reg = [], []
+        for subset in ds.subsets:
+            (reg if subset.is_reg else train).append(self._scan_subset(subset, index, bucketer))
+        train_records = [r for rs in train for r in rs]
+        reg_records = [r for rs in reg for r in rs]
+        if not train_records:
+            dirs = ", ".join(repr(str(s.image_dir)) for s in ds.subsets if not s.is_reg) or "(none)"
+            skipped = f" ({self.num_skipped} unreadable ones skipped)" if self.skipped_images else ""
+            why = "; regularization images alone cannot train an adapter" if reg_records else ""
+            raise ConfigError(f"no usable training images in {dirs}{skipped}; supported: "
+                              f"{', '.join(IMAGE_EXTENSIONS)}{why}")
+        repeats = [(r, r.subset.num_repeats) for r in train_records]
+        return repeats + self._reg_repeats(reg_records, sum(n for _, n in repeats))
 
     @staticmethod
     def _reg_repeats(reg: list[ImageRecord], num_train: int) -> list[tuple[ImageRecord, int]]:
@@ -231,10 +351,17 @@ class TrainingDataset(torch.utils.data.Dataset):
             "crop_top_left": torch.tensor([top, left]),
             "target_size": torch.tensor([plan.target[1], plan.target[0]]),
         }
+        mask = None
         if cache is not None:
-            sample["latents"] = cache.get(LatentRequest(record.path, plan, flip), self._load)
+            sample["latents"], mask = cache.entry(LatentRequest(record.path, plan, flip, record.mask), self._load,
+                                                  self._load_mask)
         else:
             sample["pixel_values"] = load_pixels(record.path, plan, flip)
+            if record.mask is not None:
+                mask = load_mask(record.mask, plan, flip)
+        if self.masked:
+            cells = (plan.target[1] // LATENT_FACTOR, plan.target[0] // LATENT_FACTOR)
+            sample["mask"] = mask if mask is not None else torch.ones((1, *cells))
         return sample
 
     def batch_sampler(self, *, seed: int | None = None, shuffle: bool = True) -> BucketBatchSampler:
@@ -249,15 +376,20 @@ class TrainingDataset(torch.utils.data.Dataset):
     def _load(req: LatentRequest) -> torch.Tensor:
         return load_pixels(req.image_path, req.plan, req.flip)
 
+    @staticmethod
+    def _load_mask(req: LatentRequest) -> torch.Tensor:
+        assert req.mask is not None
+        return load_mask(req.mask, req.plan, req.flip)
+
     def latent_requests(self) -> list[LatentRequest]:
-        """Every latent training can ask for: each image at its bucket, center-cropped, plus its
-        mirror image when its subset flips."""
+        """Every latent training (and validation) can ask for: each image at its bucket, center-cropped,
+        plus its mirror image when its subset flips."""
         out = []
         for record in self.records:
             plan = plan_crop(record.size, record.bucket)
             flips = (False, True) if record.subset.flip_aug else (False,)
-            out += [LatentRequest(record.path, plan, flip) for flip in flips]
-        return out
+            out += [LatentRequest(record.path, plan, flip, record.mask) for flip in flips]
+        return out + (self.validation.latent_requests() if self.validation is not None else [])
 
     def cache_latents(self, cache: LatentCache, *, batch_size: int = 1,
                       progress: Callable[[int, int], None] | None = None) -> int:
@@ -267,8 +399,11 @@ class TrainingDataset(torch.utils.data.Dataset):
         if crops:
             raise ConfigError(f"random_crop is set for {', '.join(crops)}, but cached latents have one "
                               "fixed crop; turn off random_crop or latent caching")
-        encoded = cache.fill(self.latent_requests(), self._load, batch_size=batch_size, progress=progress)
+        encoded = cache.fill(self.latent_requests(), self._load, batch_size=batch_size, progress=progress,
+                             load_mask=self._load_mask)
         self._latent_cache = cache
+        if self.validation is not None:
+            self.validation._latent_cache = cache  # filled above: its requests are among ours
         return encoded
 
     def fixed_captions(self) -> list[str]:
@@ -285,7 +420,8 @@ class TrainingDataset(torch.utils.data.Dataset):
                               "text encoder outputs cannot be cached; turn those off or the caching")
         # No randomness is left to draw; the generator is only there to satisfy the signature.
         rng = random.Random(0)
-        return [(transform_caption(r.caption, rng, **r.subset.caption_options()), r.path) for r in self.records]
+        records = self.records + (self.validation.records if self.validation is not None else [])
+        return [(transform_caption(r.caption, rng, **r.subset.caption_options()), r.path) for r in records]
 
     # --- reporting ---
 
@@ -322,6 +458,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         lines += [f"  {name}: {d['img_count']} images x {d['n_repeats']} repeats"
                   for name, d in self.dataset_dirs().items()]
         lines += [f"  bucket {w}x{h}: {n}" for (w, h), n in self.bucket_counts().items()]
+        if self.validation is not None:
+            lines.append(f"  validation: {len(self.validation.records)} images held out")
         return "\n".join(lines)
 
 
@@ -329,4 +467,11 @@ def build_dataset(cfg: TrainConfig, *, family: str | None = None, seed: int | No
     """The dataset a `TrainConfig` describes. ``family`` picks the default resolution when
     ``--resolution`` is unset; ``seed`` defaults to ``cfg.seed`` (0 when that is unset)."""
     seed = seed if seed is not None else (cfg.seed if cfg.seed is not None else 0)
-    return TrainingDataset(datasets_from_config(cfg, family), seed=seed)
+    dataset = TrainingDataset(datasets_from_config(cfg, family), seed=seed)
+    if dataset.validation is None:
+        unused = [f"--{n}" for n in ("validation_seed", "validate_every_n_steps", "validate_every_n_epochs",
+                                     "max_validation_steps") if getattr(cfg, n) is not None]
+        if unused:
+            logger.warning("%s: there are no validation images (set validation_split), so no validation loss is "
+                           "computed", ", ".join(unused))
+    return dataset

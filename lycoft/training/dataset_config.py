@@ -40,6 +40,10 @@ class SubsetConfig:
             captions only.
         flip_aug: random horizontal flips.
         random_crop: random instead of center crops (not with latent caching).
+        alpha_mask: the image's alpha channel is its loss mask (opaque = trained, transparent = ignored;
+            an image without alpha trains everywhere).
+        conditioning_data_dir: a folder of loss masks, one per image with the image's file stem and size
+            (white = trained, black = ignored, the red channel counts); read with ``--masked_loss``.
     """
 
     image_dir: Path
@@ -60,9 +64,13 @@ class SubsetConfig:
     secondary_separator: str = ""
     flip_aug: bool = False
     random_crop: bool = False
+    alpha_mask: bool = False
+    conditioning_data_dir: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_dir", Path(self.image_dir))
+        if self.conditioning_data_dir is not None:
+            object.__setattr__(self, "conditioning_data_dir", Path(self.conditioning_data_dir))
         if self.caption_extension and not self.caption_extension.startswith("."):
             object.__setattr__(self, "caption_extension", "." + self.caption_extension)
         if self.num_repeats < 1:
@@ -75,6 +83,9 @@ class SubsetConfig:
         if self.caption_dropout_every_n_epochs < 0:
             raise ValueError(f"caption_dropout_every_n_epochs must be >= 0 (0 = off), got "
                              f"{self.caption_dropout_every_n_epochs}")
+        if self.alpha_mask and self.conditioning_data_dir is not None:
+            raise ValueError(f"alpha_mask and conditioning_data_dir {str(self.conditioning_data_dir)!r} both give "
+                             "loss masks; keep one")
         if not self.caption_separator.strip():
             raise ValueError(f"caption_separator must be a visible character such as ',', got "
                              f"{self.caption_separator!r}")
@@ -107,7 +118,9 @@ class SubsetConfig:
 class DatasetConfig:
     """A group of subsets sharing a size policy and batch size (a kohya ``[[datasets]]`` entry).
 
-    ``resolution`` is (width, height); bucket options as in `TrainConfig`.
+    ``resolution`` is (width, height); bucket options as in `TrainConfig`. ``validation_split`` holds that
+    fraction of each training subset's images out for the validation loss, chosen by ``validation_seed``
+    (unset = the run's seed); regularization subsets are never split.
     """
 
     subsets: tuple[SubsetConfig, ...]
@@ -118,6 +131,8 @@ class DatasetConfig:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "subsets", tuple(self.subsets))
@@ -128,6 +143,9 @@ class DatasetConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if any(s % 8 for s in self.resolution):
             raise ValueError(f"resolution {self.resolution} must have sides that are multiples of 8")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1) (the fraction of images held out), got "
+                             f"{self.validation_split}")
         steps = self.bucket_reso_steps
         if steps < 8 or steps % 8:
             raise ValueError(f"bucket_reso_steps must be a positive multiple of 8, got {steps}")
@@ -150,16 +168,24 @@ _SUBSET_KEYS: dict[str, str] = {
     "caption_dropout_rate": "float", "caption_tag_dropout_rate": "float", "flip_aug": "bool",
     "random_crop": "bool", "caption_dropout_every_n_epochs": "int", "caption_prefix": "str",
     "caption_suffix": "str", "enable_wildcard": "bool", "caption_separator": "str", "secondary_separator": "str",
+    "alpha_mask": "bool", "conditioning_data_dir": "str",
 }
 _DATASET_KEYS: dict[str, str] = {
     "resolution": "resolution", "batch_size": "int", "enable_bucket": "bool", "min_bucket_reso": "int",
     "max_bucket_reso": "int", "bucket_reso_steps": "int", "bucket_no_upscale": "bool",
+    "validation_split": "float", "validation_seed": "int",
+}
+# Subset keys that name one subset's own folders, so [general] and [[datasets]] cannot set them (kohya's rule).
+_PER_SUBSET: dict[str, str] = {
+    "image_dir": "image_dir belongs in a [[datasets.subsets]] entry",
+    "conditioning_data_dir": "conditioning_data_dir belongs in a [[datasets.subsets]] entry (each subset names "
+                             "its own mask folder)",
 }
 # kohya options lycoft does not implement: named as such, so the user is not told they made a typo.
 _KOHYA_ONLY = {
-    "color_aug", "face_crop_aug_range", "metadata_file", "conditioning_data_dir",
-    "token_warmup_min", "token_warmup_step", "alpha_mask",
-    "network_multiplier", "validation_seed", "validation_split", "cache_info", "custom_attributes",
+    "color_aug", "face_crop_aug_range", "metadata_file",
+    "token_warmup_min", "token_warmup_step",
+    "network_multiplier", "cache_info", "custom_attributes",
     "debug_dataset", "resize_interpolation",
 }
 _EXPECTED = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
@@ -236,9 +262,8 @@ def load_dataset_config(path: str | Path, defaults: Mapping[str, Any] | None = N
     doc = read_toml(path, "dataset config")
     name = str(path)
     top = _check_table(doc, {}, f"the top level of {name}", extra=("general", "datasets"))
-    both = {**_DATASET_KEYS, **{k: v for k, v in _SUBSET_KEYS.items() if k != "image_dir"}}
-    image_dir_note = {"image_dir": "image_dir belongs in a [[datasets.subsets]] entry"}
-    general = _check_table(top.get("general", {}), both, f"[general] of {name}", misplaced=image_dir_note)
+    both = {**_DATASET_KEYS, **{k: v for k, v in _SUBSET_KEYS.items() if k not in _PER_SUBSET}}
+    general = _check_table(top.get("general", {}), both, f"[general] of {name}", misplaced=_PER_SUBSET)
     datasets_doc = top.get("datasets")
     if not isinstance(datasets_doc, list) or not datasets_doc:
         raise ConfigError(f"{name} has no [[datasets]]; add at least one [[datasets]] with a "
@@ -248,7 +273,7 @@ def load_dataset_config(path: str | Path, defaults: Mapping[str, Any] | None = N
     out = []
     for i, ds_doc in enumerate(datasets_doc, 1):
         ds_where = f"[[datasets]] #{i} of {name}"
-        ds = _check_table(ds_doc, both, ds_where, extra=("subsets",), misplaced=image_dir_note)
+        ds = _check_table(ds_doc, both, ds_where, extra=("subsets",), misplaced=_PER_SUBSET)
         subsets_doc = ds.pop("subsets", None)
         if not isinstance(subsets_doc, list) or not subsets_doc:
             raise ConfigError(f"{ds_where} has no [[datasets.subsets]]; add one with an image_dir")
@@ -260,6 +285,8 @@ def load_dataset_config(path: str | Path, defaults: Mapping[str, Any] | None = N
             if "image_dir" not in sub:
                 raise ConfigError(f"{sub_where} has no image_dir; every subset names its image folder")
             _require_dir(Path(sub["image_dir"]), f"image_dir of {sub_where}")
+            if "conditioning_data_dir" in sub:
+                _require_dir(Path(sub["conditioning_data_dir"]), f"conditioning_data_dir of {sub_where}")
             subsets.append(_subset({**ds_values, **sub}, sub_where))
         out.append(_dataset(ds_values, subsets, ds_where))
     return out
@@ -291,6 +318,8 @@ def dreambooth_subsets(parent: str | Path, *, is_reg: bool, defaults: Mapping[st
                 continue
             repeats, tokens = parsed
             values = {k: v for k, v in (defaults or {}).items() if k in _SUBSET_KEYS}
+            if is_reg:  # --conditioning_data_dir holds masks of the training images only
+                values.pop("conditioning_data_dir", None)
             values.update(image_dir=child, num_repeats=repeats, class_tokens=tokens, is_reg=is_reg)
             subsets.append(_subset(values, f"folder {child}"))
     loose = [p for p in parent.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
@@ -317,10 +346,26 @@ def datasets_from_config(cfg: TrainConfig, family: str | None = None) -> list[Da
     under ``train_data_dir`` (and ``reg_data_dir``). ``family`` picks the default resolution."""
     defaults = dataset_defaults(cfg, family)
     if cfg.dataset_config:
-        return load_dataset_config(cfg.dataset_config, defaults)
-    if not cfg.train_data_dir:
+        datasets = load_dataset_config(cfg.dataset_config, defaults)
+    elif not cfg.train_data_dir:
         raise ConfigError("no training data: give --train_data_dir or --dataset_config")
-    subsets = dreambooth_subsets(cfg.train_data_dir, is_reg=False, defaults=defaults)
-    if cfg.reg_data_dir:
-        subsets += dreambooth_subsets(cfg.reg_data_dir, is_reg=True, defaults=defaults, flag="--reg_data_dir")
-    return [_dataset(defaults, subsets, "the trainer flags")]
+    else:
+        subsets = dreambooth_subsets(cfg.train_data_dir, is_reg=False, defaults=defaults)
+        if cfg.reg_data_dir:
+            subsets += dreambooth_subsets(cfg.reg_data_dir, is_reg=True, defaults=defaults, flag="--reg_data_dir")
+        datasets = [_dataset(defaults, subsets, "the trainer flags")]
+    _check_mask_sources(cfg, datasets)
+    return datasets
+
+
+def _check_mask_sources(cfg: TrainConfig, datasets: list[DatasetConfig]) -> None:
+    """kohya's pairing of --masked_loss and mask folders: mask folders are read only with --masked_loss,
+    and --masked_loss needs masks from somewhere (alpha masks work with or without it)."""
+    subsets = [s for ds in datasets for s in ds.subsets]
+    folders = sorted({str(s.conditioning_data_dir) for s in subsets if s.conditioning_data_dir is not None})
+    if folders and not cfg.masked_loss:
+        raise ConfigError(f"conditioning_data_dir {', '.join(folders)} holds loss masks, which are used with "
+                          "--masked_loss only; add --masked_loss or remove conditioning_data_dir")
+    if cfg.masked_loss and not folders and not any(s.alpha_mask for s in subsets):
+        raise ConfigError("--masked_loss has no masks to use: give conditioning_data_dir (mask images named like "
+                          "the training images) or alpha_mask = true (each image's alpha channel)")

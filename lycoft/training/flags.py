@@ -4,7 +4,7 @@ The table is the `TrainConfig` dataclass itself: each field carries its default,
 so `--help`, TOML checking and the written-back config all read the same source. Flag names follow
 kohya sd-scripts wherever kohya has the flag, so kohya configs load unchanged. `check_value` and
 `value_from_text` turn what a TOML file or a command line gives into a flag's value, or say what is wrong.
-Nothing here imports torch or touches a model.
+Nothing here touches a model; torch is imported only to look up a bare torch.optim class name.
 """
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ from lycoft.training.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor")
+# kohya's optimizer names (sd-scripts `get_optimizer`); `optimizers.py` says where each comes from.
+OPTIMIZERS = (
+    "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit", "PagedLion8bit",
+    "SGDNesterov", "SGDNesterov8bit", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam",
+    "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Prodigy", "Adafactor", "AdamWScheduleFree",
+    "RAdamScheduleFree", "SGDScheduleFree",
+)
 LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+    "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "piecewise_constant", "adafactor",
 )
 # kohya's sample sampler names, so that kohya configs keep working.
 SAMPLERS = (
@@ -113,6 +120,10 @@ class TrainConfig:
     max_data_loader_n_workers: int = flag(
         8, "Data loader worker processes (0 = load in the training process), capped at the CPU "
         "count. More workers hide image decoding; each costs memory.", group="data")
+    persistent_data_loader_workers: bool = flag(
+        True, "Keep the data loader's worker processes alive between epochs (no restart pause at each "
+        "epoch, a little more memory). lycoft keeps them by default, where kohya's default is off; false "
+        "restarts them every epoch, as kohya does without this flag.", group="data")
 
     # --- captions ---
     caption_extension: str = flag(
@@ -241,12 +252,15 @@ class TrainConfig:
 
     # --- optimizer ---
     optimizer_type: str = flag(
-        "AdamW", "AdamW, AdamW8bit (bitsandbytes; less memory), Prodigy (learns its own step size: "
-        "set --learning_rate 1), Lion, Adafactor, or a dotted class path such as torch.optim.SGD.",
-        group="optimizer")
+        "AdamW", "AdamW; AdamW8bit, PagedAdamW(8bit|32bit), Lion8bit, PagedLion8bit, SGDNesterov8bit "
+        "(bitsandbytes: less optimizer memory); Lion; SGDNesterov; Prodigy and DAdaptation, DAdaptAdam, "
+        "DAdaptAdaGrad, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD (learn their own step size: set "
+        "--learning_rate 1); Adafactor (its own relative step size unless optimizer_args relative_step=False); "
+        "AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree (no LR schedule needed); or a torch.optim class "
+        "name or dotted class path such as mypkg.MyOptimizer.", group="optimizer")
     optimizer_args: list[str] = flag(
         [], "Extra optimizer arguments as key=value (e.g. weight_decay=0.01 'betas=(0.9,0.99)'); "
-        "values are Python literals.", group="optimizer")
+        "values are Python literals, anything else a string.", group="optimizer")
     learning_rate: float = flag(
         1e-4, "Base learning rate. OFT parameters are rotations, so rates well above LoRA's "
         "(1e-4..1e-3) are usual; too high overshoots the subject.", group="optimizer")
@@ -261,13 +275,32 @@ class TrainConfig:
 
     # --- scheduler ---
     lr_scheduler: str = flag(
-        "constant", "Learning-rate schedule.", group="scheduler", choices=LR_SCHEDULERS)
+        "constant", "Learning-rate schedule (docs/training.md has each one's formula). adafactor: the rate "
+        "Adafactor computes itself (its relative_step mode).", group="scheduler", choices=LR_SCHEDULERS)
     lr_warmup_steps: int | float = flag(
-        0, "Warmup steps (an integer) or a fraction of all steps (a number < 1, e.g. 0.05). Needs a "
-        "schedule with warmup (not 'constant').", group="scheduler", kind="warmup")
+        0, "Warmup steps (an integer), a fraction of all steps (a number < 1, e.g. 0.05) or a percentage "
+        "('5%'). Needs a schedule with warmup (not 'constant').", group="scheduler", kind="warmup")
     lr_scheduler_num_cycles: int = flag(
-        1, "Restarts of cosine_with_restarts.", group="scheduler")
+        1, "Descents of cosine_with_restarts; half cosine waves of cosine_with_min_lr and warmup_stable_decay "
+        "(1 = from the peak down to the floor once).", group="scheduler")
     lr_scheduler_power: float = flag(1.0, "Exponent of the polynomial schedule.", group="scheduler")
+    lr_decay_steps: int | float = flag(
+        0, "Decay steps at the end of warmup_stable_decay (an integer) or a fraction of all steps (< 1); "
+        "between warm-up and decay the rate stays at its peak.", group="scheduler", kind="warmup")
+    lr_scheduler_min_lr_ratio: float | None = flag(
+        None, "The lowest rate as a fraction of the learning rate: where cosine_with_min_lr (required "
+        "there) and warmup_stable_decay (unset = 0) end.", group="scheduler")
+    lr_scheduler_timescale: int | None = flag(
+        None, "Timescale of inverse_sqrt, whose rate after warm-up is 1/sqrt((step + timescale - warmup) / "
+        "timescale); unset or 0 = the warm-up steps (10000 without warm-up).", group="scheduler")
+    lr_scheduler_type: str | None = flag(
+        None, "A scheduler class instead of --lr_scheduler: a torch.optim.lr_scheduler name (e.g. "
+        "CosineAnnealingLR) or a dotted class path; it gets the optimizer and --lr_scheduler_args and is "
+        "stepped once per optimizer step.", group="scheduler")
+    lr_scheduler_args: list[str] = flag(
+        [], "Scheduler arguments as key=value (Python literals, anything else a string) for "
+        "--lr_scheduler_type (e.g. T_max=1000) or a named schedule (piecewise_constant: "
+        "step_rules=1:100,0.1:200,0.01).", group="scheduler")
 
     # --- loss ---
     noise_offset: float = flag(
@@ -335,6 +368,18 @@ class TrainConfig:
         "2023): lets a v-prediction model make truly dark or bright images. Meant for --v_parameterization.",
         group="noise")
 
+    # --- masked loss ---
+    masked_loss: bool = flag(
+        False, "Weight the loss by each image's mask from conditioning_data_dir: white trains, black is "
+        "ignored, so backgrounds or other people in the picture are not learned.", group="masked loss")
+    conditioning_data_dir: str | None = flag(
+        None, "Folder of masks for the --train_data_dir images: one per image, with its file stem and size "
+        "(e.g. masks/toy_001.png for 10_sks toy/toy_001.jpg; the red channel counts). Needs --masked_loss. "
+        "In a dataset TOML, set it per [[datasets.subsets]].", group="masked loss")
+    alpha_mask: bool = flag(
+        False, "Use each image's alpha channel as its loss mask (opaque trains, transparent is ignored); "
+        "images without alpha train everywhere. Works without --masked_loss.", group="masked loss")
+
     # --- network ---
     network_module: str = flag(
         "lycoft", "Adapter implementation. This trainer trains lycoft OFT/BOFT adapters only ("
@@ -355,6 +400,17 @@ class TrainConfig:
         "reported and ignored. Block dropout is network_args module_dropout=<p>.", group="network")
     network_weights: str | None = flag(
         None, "Start from these adapter weights (a warm start, not a resume).", group="network")
+    dim_from_weights: bool = flag(
+        False, "Build the network the --network_weights file describes (its layers, algo, block size and "
+        "butterfly stages) instead of the one --network_dim/--network_args describe; training options "
+        "(module_dropout, constraint, path, neumann_terms) still come from --network_args.", group="network")
+    base_weights: list[str] = flag(
+        [], "OFT/BOFT adapter files merged into the base model before training (the new adapter then "
+        "trains on top of them). LoRA files cannot be merged here: merge them into the checkpoint first.",
+        group="network", kind="files")
+    base_weights_multiplier: list[float] | None = flag(
+        None, "Strength of each --base_weights file, in order; missing ones are 1.", group="network",
+        kind="numbers")
     network_train_unet_only: bool = flag(
         False, "Adapt the UNet only: faster, less memory, needed to cache text encoder outputs.",
         group="network")
@@ -390,6 +446,34 @@ class TrainConfig:
         None, "Continue from a state folder written by --save_state (step and epoch carry over); 'auto': "
         "from the newest state of --output_name in --output_dir (by step), or from scratch if there is none, "
         "for restart-until-done loops.", group="saving")
+    save_n_epoch_ratio: int | None = flag(
+        None, "Save about N adapters over the run, evenly: every floor(epochs / N) epochs (at least every "
+        "epoch); replaces --save_every_n_epochs.", group="saving")
+    save_last_n_steps_state: int | None = flag(
+        None, "Delete step states older than N steps, apart from the adapters (which --save_last_n_steps "
+        "prunes); unset = --save_last_n_steps. States are large, adapters small: keep many adapters and "
+        "few states.", group="saving")
+    save_last_n_epochs_state: int | None = flag(
+        None, "Keep only the last N epoch states, apart from the adapters (which --save_last_n_epochs "
+        "prunes); unset = --save_last_n_epochs.", group="saving")
+    save_state_on_train_end: bool = flag(
+        False, "Save the training state with the final adapter ('<output_name>-state'), even without "
+        "--save_state: the run can be continued later with --resume and more steps.", group="saving")
+
+    # --- where the step count starts ---
+    initial_step: int | None = flag(
+        None, "Start counting at this step (0 = the first), as if the steps before it were done: saves, "
+        "samples, the LR schedule and the end (--max_train_steps counts them) follow the count. The data "
+        "starts at the beginning of that step's epoch unless --skip_until_initial_step. Beats "
+        "--initial_epoch; ignored when --resume finds a state (the state's count continues).",
+        group="start")
+    initial_epoch: int | None = flag(
+        None, "Start counting at this epoch (1 = the first): --initial_step at the epoch's first step.",
+        group="start")
+    skip_until_initial_step: bool = flag(
+        False, "With --initial_step: also skip the data of the steps before it, so the run sees the batches "
+        "an uninterrupted run would have seen from there (noise draws follow the step count either way).",
+        group="start")
 
     # --- metadata (the adapter file's; kohya's flags, SAI model-spec keys) ---
     no_metadata: bool = flag(
@@ -424,17 +508,63 @@ class TrainConfig:
     sample_at_first: bool = flag(False, "Render samples before the first step (the base model's "
                                  "look, for comparison).", group="sampling")
 
+    # --- validation ---
+    validation_split: float = flag(
+        0.0, "Hold out this fraction of each training folder's images (regularization images excepted) and "
+        "report the loss on them: rising while the training loss falls means overfitting. 0 = off.",
+        group="validation")
+    validation_seed: int | None = flag(
+        None, "Seed of which images are held out and of the validation noise; unset = --seed.",
+        group="validation")
+    validate_every_n_steps: int | None = flag(
+        None, "Also compute the validation loss every N steps (it is always computed at each epoch's end "
+        "unless --validate_every_n_epochs says otherwise).", group="validation")
+    validate_every_n_epochs: int | None = flag(
+        None, "Compute the validation loss at the end of every N-th epoch; unset = every epoch.",
+        group="validation")
+    max_validation_steps: int | None = flag(
+        None, "Use at most this many held-out batches per validation; unset = all of them.",
+        group="validation")
+
     # --- logging ---
     logging_dir: str | None = flag(
         None, "Write logs here; unset = no logs.", group="logging")
     log_with: str | None = flag(
         None, "Logger: tensorboard, wandb or all; unset with --logging_dir = tensorboard.",
         group="logging", choices=("tensorboard", "wandb", "all"))
+    log_prefix: str | None = flag(
+        None, "Log into a new folder per run, <logging_dir>/<log_prefix><YYYYmmddHHMMSS>, as kohya names them; "
+        "unset = <logging_dir> itself, where a resumed run continues its logs.", group="logging")
+    log_tracker_name: str | None = flag(
+        None, "The trackers' project name (TensorBoard's subfolder, the W&B project); unset = --output_name.",
+        group="logging")
+    log_tracker_config: str | None = flag(
+        None, "A TOML file of keyword arguments for the trackers, one table per tracker (e.g. [wandb] "
+        "entity = 'me', tags = ['oft']; [tensorboard] flush_secs = 30).", group="logging")
+    wandb_run_name: str | None = flag(
+        None, "The W&B run's name (unless --log_tracker_config names it).", group="logging")
+    log_config: bool = flag(
+        False, "Send the training settings to the trackers (TensorBoard hparams, the W&B config), without "
+        "paths (model, data, output, files), which may name users and machines. The full settings are "
+        "always saved as <output_name>-config.toml.", group="logging")
+
+    # --- the console log (train_network.py's; a Python caller of `train` sets up logging itself) ---
+    console_log_level: str | None = flag(
+        None, "Log level of the console log; unset = INFO (other processes: WARNING).", group="console",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    console_log_file: str | None = flag(
+        None, "Write the log into this file (overwritten) instead of the console; the progress bar and "
+        "errors still go to the console.", group="console")
+    console_log_simple: bool = flag(
+        False, "Log lines with the message only (no time, level and logger name).", group="console")
 
     # --- the config file itself (command line only) ---
     config: str | None = flag(
         None, "TOML file with any of these flags as keys (flat, or in sections like kohya's "
         "--config_file); the command line overrides it.", group="config")
+    output_config: bool = flag(
+        False, "Write the flags given on the command line (those not at their defaults) to the --config path "
+        "as a TOML file, and exit without training; an existing file is never overwritten.", group="config")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)
@@ -484,22 +614,52 @@ class TrainConfig:
         """``--max_data_loader_n_workers`` capped at the CPU count (as kohya does)."""
         return min(self.max_data_loader_n_workers, os.cpu_count() or 1)
 
+    def epoch_save_interval(self, num_epochs: int) -> int | None:
+        """Epochs between adapter saves: ``--save_n_epoch_ratio`` N saves about N times over `num_epochs`
+        (kohya's floor(epochs / N), at least every epoch), else ``--save_every_n_epochs``."""
+        if self.save_n_epoch_ratio:
+            return max(1, num_epochs // self.save_n_epoch_ratio)
+        return self.save_every_n_epochs
+
+    def start_step(self, steps_per_epoch: int) -> int | None:
+        """The step count a fresh run starts at: ``--initial_step``, else ``--initial_epoch``'s first step
+        ((epoch - 1) x steps per epoch); None when neither is given."""
+        if self.initial_step is not None:
+            return self.initial_step
+        if self.initial_epoch is not None:
+            return (self.initial_epoch - 1) * steps_per_epoch
+        return None
+
     def warmup_steps(self, total_steps: int) -> int:
         """`--lr_warmup_steps` in steps: a fraction < 1 is a share of `total_steps`."""
-        if isinstance(self.lr_warmup_steps, float):
-            return int(round(self.lr_warmup_steps * total_steps))
-        return int(self.lr_warmup_steps)
+        return _steps(self.lr_warmup_steps, total_steps)
+
+    def decay_steps(self, total_steps: int) -> int:
+        """`--lr_decay_steps` in steps: a fraction < 1 is a share of `total_steps`."""
+        return _steps(self.lr_decay_steps, total_steps)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """`--optimizer_args` as keyword arguments (values read as Python literals, else strings)."""
-        out: dict[str, Any] = {}
-        for item in self.optimizer_args:
-            key, value = _split_kv(item, "optimizer_args")
-            try:
-                out[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                out[key] = value
-        return out
+        return _kwargs(self.optimizer_args, "optimizer_args")
+
+    def lr_scheduler_kwargs(self) -> dict[str, Any]:
+        """`--lr_scheduler_args` as keyword arguments (values read as Python literals, else strings)."""
+        return _kwargs(self.lr_scheduler_args, "lr_scheduler_args")
+
+    @property
+    def schedule_free(self) -> bool:
+        """A schedule-free optimizer: it needs no LR schedule (sd-scripts then ignores --lr_scheduler)."""
+        return self.optimizer_type.lower().endswith("schedulefree")
+
+    @property
+    def adafactor_relative_step(self) -> bool:
+        """Adafactor computing its own rate (sd-scripts' default for it, on unless optimizer_args say
+        relative_step=False; warmup_init=True turns it on again): --learning_rate then only seeds the
+        logged rate, and the schedule is Adafactor's own."""
+        if self.optimizer_type != "Adafactor":
+            return False
+        kwargs = self.optimizer_kwargs()
+        return bool(kwargs.get("relative_step", True) or kwargs.get("warmup_init", False))
 
     def network_options(self) -> NetworkOptions:
         """`--network_args` with `--network_dim` and `--network_dropout`, read by the one option schema."""
@@ -510,7 +670,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Flag:
     name: str
-    kind: str  # bool, int, float, floats, str, list, resolution, warmup
+    kind: str  # bool, int, float, floats, numbers, str, list, files, resolution, warmup
     nullable: bool
     default: Any
     help: str
@@ -547,8 +707,10 @@ _EXPECTED = {
     "str": "a string",
     "list": "a list of strings",
     "floats": "one number, or two for SDXL's two text encoders",
+    "numbers": "one or more numbers",
+    "files": "a list of file paths",
     "resolution": "a size like 512 or '512,768'",
-    "warmup": "an integer step count or a fraction < 1",
+    "warmup": "an integer step count, a fraction < 1 or a percentage like '5%'",
 }
 
 
@@ -558,9 +720,9 @@ def _type_error(f: Flag, value: Any, where: str) -> ConfigError:
 
 def value_from_text(f: Flag, text: str | list[str], where: str) -> Any:
     """Turn command-line text into the Python value a TOML file would have given."""
-    if f.kind == "list":
+    if f.kind in ("list", "files"):
         return list(text)
-    if f.kind == "floats":
+    if f.kind in ("floats", "numbers"):
         try:
             return [float(t) for t in text]
         except ValueError:
@@ -578,6 +740,11 @@ def value_from_text(f: Flag, text: str | list[str], where: str) -> Any:
         if f.kind == "float":
             return float(text)
         if f.kind == "warmup":
+            if text.strip().endswith("%"):  # kohya also takes a percentage of the steps
+                share = float(text.strip()[:-1]) / 100
+                if not 0 <= share < 1:
+                    raise ValueError
+                return share
             return int(text) if text.strip().lstrip("+").isdigit() else float(text)
     except ValueError:
         raise ConfigError(f"{where} must be {_EXPECTED[f.kind]}, got {text!r}") from None
@@ -598,10 +765,10 @@ def check_value(f: Flag, value: Any, where: str) -> Any:
         if not is_number:
             raise _type_error(f, value, where)
         value = float(value)
-    elif kind == "list":
+    elif kind in ("list", "files"):
         if isinstance(value, str):
             value = [value]
-        elif isinstance(value, Mapping):  # `network_args = {algo = "oft"}` reads naturally in TOML
+        elif kind == "list" and isinstance(value, Mapping):  # `network_args = {algo = "oft"}` reads naturally in TOML
             value = [f"{k}={_toml_scalar_text(v)}" for k, v in value.items()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _type_error(f, value, where)
@@ -611,9 +778,17 @@ def check_value(f: Flag, value: Any, where: str) -> Any:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
             raise _type_error(f, value, where)
         value = [float(v) for v in items]
+    elif kind == "numbers":
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            raise _type_error(f, value, where)
+        value = [float(v) for v in items]
     elif kind == "resolution":
         value = parse_resolution(value, where)
     elif kind == "warmup":
+        if isinstance(value, str) and value.strip().endswith("%"):
+            value = value_from_text(f, value, where)
+            is_number = True
         if not is_number or value < 0:
             raise _type_error(f, value, where)
         if isinstance(value, float) and value >= 1:
@@ -647,14 +822,22 @@ def _choose(f: Flag, value: str, where: str) -> str:
 
 
 def _optimizer_name(value: str, where: str) -> str:
+    if not value.strip():
+        return "AdamW"  # sd-scripts' default for an empty --optimizer_type
     for name in OPTIMIZERS:
         if value.lower() == name.lower():
             return name
     if "." in value.strip("."):
         return value  # a class path, imported by the training loop
+    if value.isidentifier():
+        # sd-scripts reads any other bare name as a torch.optim class; only this rare case imports torch here
+        import torch.optim
+
+        if isinstance(getattr(torch.optim, value, None), type):
+            return f"torch.optim.{value}"
     raise ConfigError(
-        f"{where} is {value!r}; use {', '.join(OPTIMIZERS)} or a dotted class path like "
-        f"torch.optim.SGD{did_you_mean(value, OPTIMIZERS)}"
+        f"{where} is {value!r}; use {', '.join(OPTIMIZERS)}, a torch.optim class or a dotted class path like "
+        f"mypkg.MyOptimizer{did_you_mean(value, OPTIMIZERS)}"
     )
 
 
@@ -677,6 +860,28 @@ def parse_resolution(value: Any, where: str = "resolution") -> tuple[int, int]:
     if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
         raise ConfigError(f"{where} must be a size like 512 or '512,768' (width,height), got {value!r}")
     return (sides[0], sides[1])
+
+
+def _steps(value: int | float, total_steps: int) -> int:
+    """A step count, or a fraction < 1 of `total_steps` (rounded to the nearest step)."""
+    if isinstance(value, float):
+        return int(round(value * total_steps))
+    return int(value)
+
+
+def _kwargs(items: Sequence[str], flag_name: str) -> dict[str, Any]:
+    """key=value items as keyword arguments: values read as Python literals, else kept as strings; empty items
+    (what a config writer leaves for "none") are skipped."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if not item.strip():
+            continue
+        key, value = _split_kv(item, flag_name)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def _split_kv(item: str, flag_name: str) -> tuple[str, str]:

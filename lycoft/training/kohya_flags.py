@@ -27,6 +27,14 @@ DIFFERS: dict[str, str] = {
                        "dropout is network_args module_dropout=",
     "network_args": "lycoft's option keys (README, 'Network args'); the same in both trainers",
     "save_model_as": "safetensors only",
+    "persistent_data_loader_workers": "on by default (lycoft keeps the loader's workers between epochs); false "
+                                      "restarts them every epoch, what sd-scripts does without the flag",
+    "initial_step": "the count starts there with or without --skip_until_initial_step (sd-scripts then only "
+                    "numbers the epochs), the LR schedule follows the count (sd-scripts restarts it), and a "
+                    "state found by --resume wins, so that a resume stays exact (sd-scripts lets the flag win)",
+    "initial_epoch": "as --initial_step at the epoch's first step",
+    "conditioning_data_dir": "the mask folder of the --train_data_dir images (sd-scripts reads mask folders only "
+                             "from a dataset TOML's subsets, as lycoft does there too)",
 }
 
 
@@ -67,10 +75,6 @@ _FINETUNE = ("a fine-tuning (metadata JSON) dataset; lycoft trains from DreamBoo
              "or a kohya dataset TOML (--dataset_config)")
 
 UNSUPPORTED: dict[str, Unsupported] = {
-    # logging of the process itself
-    "console_log_level": Unsupported(f"{_NOT_YET}; lycoft logs at INFO on the main process"),
-    "console_log_file": Unsupported(f"{_NOT_YET}; redirect the output (`... 2> train.log`)"),
-    "console_log_simple": Unsupported(f"{_NOT_YET}; lycoft's log lines are already plain", False),
     # models and memory
     "tokenizer_cache_dir": Unsupported("lycoft bundles the CLIP tokenizers and never downloads them; drop it"),
     "mem_eff_attn": Unsupported("lycoft always uses PyTorch's memory-efficient attention (SDPA); drop it", False),
@@ -82,7 +86,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "cpu_offload_checkpointing": Unsupported(f"{_NOT_YET}; use --gradient_checkpointing", False),
     "fused_backward_pass": Unsupported("it fuses the optimizer step into backward for full fine-tuning with "
                                        "Adafactor; OFT adapters are small enough not to need it", False),
-    "persistent_data_loader_workers": Unsupported(_NOT_YET, False),
     "ddp_timeout": Unsupported(f"{_NOT_YET}; accelerate's default timeout applies"),
     "ddp_gradient_as_bucket_view": Unsupported(_NOT_YET, False),
     "ddp_static_graph": Unsupported(_NOT_YET, False),
@@ -118,47 +121,16 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "token_warmup_min": Unsupported(_NOT_YET, 1),
     "token_warmup_step": Unsupported(_NOT_YET, 0),
     "weighted_captions": Unsupported(_NOT_YET, False),
-    "alpha_mask": Unsupported(_NOT_YET, False),
-    "masked_loss": Unsupported(_NOT_YET, False),
-    "conditioning_data_dir": Unsupported(_NOT_YET),
     # optimizer and schedule
     "use_8bit_adam": Unsupported("kohya's old spelling; use --optimizer_type AdamW8bit", False),
     "use_lion_optimizer": Unsupported("kohya's old spelling; use --optimizer_type Lion", False),
-    "lr_scheduler_type": Unsupported(f"{_NOT_YET}; choose one of --lr_scheduler's schedules", ""),
-    "lr_scheduler_args": Unsupported(_NOT_YET),
-    "lr_decay_steps": Unsupported(_NOT_YET, 0),
-    "lr_scheduler_timescale": Unsupported(_NOT_YET),
-    "lr_scheduler_min_lr_ratio": Unsupported(_NOT_YET),
     # saving, resuming, metadata
-    "save_n_epoch_ratio": Unsupported(f"{_NOT_YET}; use --save_every_n_epochs"),
-    "save_last_n_epochs_state": Unsupported(f"{_NOT_YET}; --save_last_n_epochs prunes states with their adapters"),
-    "save_last_n_steps_state": Unsupported(f"{_NOT_YET}; --save_last_n_steps prunes states with their adapters"),
-    "save_state_on_train_end": Unsupported(f"{_NOT_YET}; --save_state saves one with the last adapter", False),
-    "initial_epoch": Unsupported(f"{_NOT_YET}; --resume continues at the saved step and epoch"),
-    "initial_step": Unsupported(f"{_NOT_YET}; --resume continues at the saved step and epoch"),
-    "skip_until_initial_step": Unsupported(f"{_NOT_YET}; --resume continues at the saved step and epoch", False),
-    "output_config": Unsupported(f"{_NOT_YET}; every run writes its resolved config as <output_name>-config.toml",
-                                 False),
     "metadata_is_negative_embedding": Unsupported("lycoft trains OFT adapters, not embeddings"),
     # logging and trackers
-    "log_prefix": Unsupported(_NOT_YET),
-    "log_tracker_name": Unsupported(_NOT_YET),
-    "wandb_run_name": Unsupported(_NOT_YET),
-    "log_tracker_config": Unsupported(_NOT_YET),
     "wandb_api_key": Unsupported("log in with `wandb login` or the WANDB_API_KEY environment variable"),
-    "log_config": Unsupported(f"{_NOT_YET}; the resolved config is saved as <output_name>-config.toml", False),
-    # validation
-    "validation_seed": Unsupported(_NOT_YET),
-    "validation_split": Unsupported(_NOT_YET, 0.0),
-    "validate_every_n_steps": Unsupported(_NOT_YET),
-    "validate_every_n_epochs": Unsupported(_NOT_YET),
-    "max_validation_steps": Unsupported(_NOT_YET),
     # the network
-    "dim_from_weights": Unsupported(f"{_NOT_YET}; give the block size of the --network_weights file", False),
     "scale_weight_norms": Unsupported("a rotation keeps every weight norm, so there is nothing to scale; bound "
                                       "the rotation with --network_args constraint=<c> instead"),
-    "base_weights": Unsupported(f"{_NOT_YET}; merge them first with tools/merge.py and train on the result"),
-    "base_weights_multiplier": Unsupported(f"{_NOT_YET}; merge them first with tools/merge.py --adapter f:m"),
 }
 
 

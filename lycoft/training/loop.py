@@ -7,14 +7,17 @@
 2. `accelerator_for`: accelerate for this run (trackers checked, processes, mixed precision), reset after it;
 3. `check_before_model`: checks that need no model: flags (done by `parse_args`), optimizer import,
    prompts, the dataset itself (folders, unreadable images, empty sets), so mistakes surface in seconds;
-4. `load_base_model`: the base model (`models.load_models`), class images for prior preservation if
-   missing, the dataset and prompts again where their defaults depend on the model's family;
-5. `build_adapter`: the adapter network (`build_network`: `lycoft.inject`) and the text conditioner;
+4. `load_base_model`: the base model (`models.load_models`) with any ``--base_weights`` merged in, class
+   images for prior preservation if missing, the dataset and prompts again where their defaults depend on
+   the model's family;
+5. `build_adapter`: the adapter network (`build_network`: `lycoft.inject`, or the network a
+   ``--network_weights`` file describes with ``--dim_from_weights``) and the text conditioner;
 6. `fill_caches`: latent and text-embedding caches; `place_adapter`: gradient checkpointing, float8 base,
    dtype, device, compilation;
 7. `plan_steps`: this rank's batches of an epoch, and the optimizer steps per epoch and in all;
 8. `prepare_training`: parameter groups, the optimizer and the accelerate wrapping (`AdaptedDenoiser`);
-9. `resume_state`: the counters and accelerate checkpoint of ``--resume``; then the LR schedule at that step;
+9. `resume_state`: the counters and accelerate checkpoint of ``--resume`` (or a fresh start at
+   ``--initial_step``/``--initial_epoch``); then the LR schedule at that step;
 10. `open_outputs`: the saver and the run's metadata, the output folder and its config file, trackers;
 11. `train_epochs` (`step.py`): per optimizer step, `gradient_accumulation_steps` micro-batches of this
     rank's share of the epoch; loss, backward, clip, step; logging, sampling and saving at their intervals;
@@ -59,12 +62,13 @@ from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
 from lycoft.training.fp8_base import store_base_in_float8
 from lycoft.training.metadata import step_metadata, training_metadata
-from lycoft.training.optimizers import build_optimizer, resolve_optimizer
+from lycoft.training.optimizers import build_optimizer, resolve_optimizer, set_train_mode
 from lycoft.training.prior import generate_class_images, missing_class_images
 from lycoft.training.sampler import derive_seed
 from lycoft.training.sampling import SamplePrompt, make_sampler, read_prompt_file
 from lycoft.training.saving import SaveError, Saver, TrainState, load_state, newest_state
-from lycoft.training.schedulers import build_lr_scheduler
+from lycoft.training.schedulers import build_lr_scheduler, resolve_lr_scheduler
+from lycoft.training.start_weights import check_start_files, merge_base_weights, network_from_weights
 from lycoft.training.step import (
     AdaptedDenoiser,
     EpochBatches,
@@ -95,6 +99,7 @@ class TrainResult:
     skipped_images: int = 0
     network: Any = None
     models: Any = None
+    validation_losses: list[tuple[int, str, float]] = field(default_factory=list)  # (step, "step"/"epoch", loss)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -119,7 +124,10 @@ def _patch_scaler_for_fp16_params(accelerator: Any) -> None:
 
 
 def build_network(cfg: TrainConfig, models: Any):
-    """Inject fresh adapters as `cfg` says (`--network_args`, `--network_train_*_only`)."""
+    """Inject fresh adapters as `cfg` says (`--network_args`, `--network_train_*_only`), or build the network
+    of the ``--network_weights`` file with ``--dim_from_weights``."""
+    if cfg.dim_from_weights:
+        return network_from_weights(cfg, models)
     try:
         network = inject(
             unet=None if cfg.network_train_text_encoder_only else models.unet,
@@ -134,13 +142,6 @@ def build_network(cfg: TrainConfig, models: Any):
         logger.info("started from adapter weights %s%s", cfg.network_weights,
                     f" ({len(missing)} of its modules not in this network)" if missing else "")
     return network
-
-
-def _hparams(cfg: TrainConfig) -> dict[str, Any]:
-    out = {}
-    for k, v in cfg.to_dict().items():
-        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def _max_rank_difference(accelerator: Any, network: nn.Module) -> float:
@@ -169,8 +170,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         text_cache = fill_caches(cfg, accelerator, dataset, models, conditioner, train_text)
         place_adapter(cfg, accelerator, models, network, train_text)
         batches, steps = plan_steps(cfg, accelerator, dataset)
+        cfg = cfg.replace(save_every_n_epochs=cfg.epoch_save_interval(steps.epochs))  # --save_n_epoch_ratio
         model, optimizer, base_lrs = prepare_training(cfg, accelerator, models, network, conditioner, train_text)
-        state = resume_state(cfg, accelerator)
+        state = resume_state(cfg, accelerator, steps)
         # Not checkpointed (accelerate would pickle it and unpickle it with code execution allowed): the
         # schedule is a function of the step count, so it is built at the resumed step from this run's rates.
         lr_scheduler = build_lr_scheduler(cfg, optimizer, steps.total, base_lrs=base_lrs, step=state.global_step)
@@ -218,7 +220,7 @@ def accelerator_for(cfg: TrainConfig) -> Iterator[Accelerator]:
             mixed_precision=cfg.mixed_precision,
             cpu=cfg.cpu,
             log_with=tracker_names or None,
-            project_dir=cfg.logging_dir,
+            project_dir=tracking.log_dir(cfg),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
     except ValueError as e:
@@ -234,6 +236,7 @@ def accelerator_for(cfg: TrainConfig) -> Iterator[Accelerator]:
 def check_before_model(cfg: TrainConfig, family: str | None):
     """Everything that can be checked without loading weights; returns (dataset or None, prompts)."""
     resolve_optimizer(cfg.optimizer_type)
+    resolve_lr_scheduler(cfg)
     prompts = []
     if cfg.sample_prompts:
         w, h = cfg.resolved_resolution(family)
@@ -241,6 +244,7 @@ def check_before_model(cfg: TrainConfig, family: str | None):
     dataset = None
     if not missing_class_images(cfg):
         dataset = build_dataset(cfg, family=family, seed=cfg.seed)
+    check_start_files(cfg)
     return dataset, prompts
 
 
@@ -251,6 +255,7 @@ def load_base_model(cfg: TrainConfig, accelerator: Accelerator, dataset: Trainin
     """The base model, then what waited for its family: missing class images generated, the dataset and
     the prompts rebuilt where their default size depends on it, the sampler checked."""
     models = base_model.load_models(cfg, accelerator.device)
+    merge_base_weights(cfg, models)
     family = models.family
     if dataset is None:  # class images were missing
         generate_class_images(cfg, models.pipe, accelerator, family=family, seed=cfg.seed)
@@ -377,12 +382,16 @@ def prepare_training(cfg: TrainConfig, accelerator: Accelerator, models: base_mo
 
 
 # 9. ---------------------------------------------------------------------------------------------------
-def resume_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
-    """The step counters: fresh, or those of ``--resume`` with its checkpoint loaded into the adapter,
-    the optimizer and the RNGs."""
+def resume_state(cfg: TrainConfig, accelerator: Accelerator, steps: StepPlan) -> TrainState:
+    """The step counters: fresh (at ``--initial_step``/``--initial_epoch`` if given), or those of ``--resume``
+    with its checkpoint loaded into the adapter, the optimizer and the RNGs."""
     world = accelerator.num_processes
+    start = cfg.start_step(steps.per_epoch)
     if not cfg.resume:
-        return TrainState(seed=cfg.seed, num_processes=world)
+        return initial_state(cfg, start, steps, world) if start else TrainState(seed=cfg.seed, num_processes=world)
+    if start is not None and accelerator.is_main_process:
+        logger.warning("--initial_step/--initial_epoch ignored: --resume %s continues its own step count, so that "
+                       "the run goes on exactly as it would have", cfg.resume)
     state = load_state(accelerator, cfg.resume, num_processes=world)
     if state.seed != cfg.seed:
         logger.warning("--seed %d differs from the resumed run's seed %d: the remaining steps draw "
@@ -391,6 +400,24 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator) -> TrainState:
     if accelerator.is_main_process:
         logger.info("resumed from %s at step %d (epoch %d, step %d of it)", cfg.resume, state.global_step,
                     state.epoch, state.step_in_epoch)
+    return state
+
+
+def initial_state(cfg: TrainConfig, start: int, steps: StepPlan, world: int) -> TrainState:
+    """A fresh run's counters at step `start` (``--initial_step``, or ``--initial_epoch``'s first step): the
+    steps before it count as done. The data starts at the beginning of that step's epoch, or with
+    ``--skip_until_initial_step`` at the batch that step would have had."""
+    if start >= steps.total:
+        given = f"--initial_step {cfg.initial_step}" if cfg.initial_step is not None else \
+            f"--initial_epoch {cfg.initial_epoch} (step {start})"
+        raise ConfigError(f"{given} leaves nothing to train: the run has {steps.total} steps (they count the "
+                          "skipped ones too); raise --max_train_steps or --max_train_epochs")
+    epoch, in_epoch = divmod(start, steps.per_epoch)
+    state = TrainState(global_step=start, epoch=epoch, step_in_epoch=in_epoch if cfg.skip_until_initial_step else 0,
+                       seed=cfg.seed, num_processes=world)
+    logger.info("starting at step %d of %d (epoch %d, %s)", start + 1, steps.total, epoch + 1,
+                f"skipping the data of the first {in_epoch} step(s) of that epoch" if state.step_in_epoch
+                else "its data from the beginning")
     return state
 
 
@@ -406,7 +433,9 @@ def open_outputs(cfg: TrainConfig, accelerator: Accelerator, dataset: TrainingDa
     saver = Saver(accelerator, output_dir, cfg.output_name,
                   metadata=lambda step, epoch: step_metadata(base_md, step=step, epoch=epoch),
                   save_precision=cfg.save_precision, v_prediction=models.v_prediction,
-                  keep_last_steps=cfg.save_last_n_steps, keep_last_epochs=cfg.save_last_n_epochs)
+                  keep_last_steps=cfg.save_last_n_steps, keep_last_epochs=cfg.save_last_n_epochs,
+                  keep_last_steps_state=cfg.save_last_n_steps_state,
+                  keep_last_epochs_state=cfg.save_last_n_epochs_state)
     if cfg.resume:
         saver.last_state = Path(cfg.resume)
     if accelerator.is_main_process:
@@ -421,7 +450,7 @@ def open_outputs(cfg: TrainConfig, accelerator: Accelerator, dataset: TrainingDa
                     steps.total, steps.epochs, steps.per_epoch, world,
                     "/".join(str(ds.batch_size) for ds in dataset.datasets), cfg.gradient_accumulation_steps)
     if accelerator.log_with:
-        accelerator.init_trackers(cfg.output_name, config=_hparams(cfg))
+        tracking.init_trackers(accelerator, cfg)
     return saver
 
 
@@ -430,10 +459,11 @@ def finish(run: Run) -> TrainResult:
     """The final adapter (and state) saved, samples of the last step (when sampling is on and the last
     step has none yet), every process's adapter compared with the main one's."""
     cfg, state, world = run.cfg, run.state, run.accelerator.num_processes
-    save(run, cfg.output_name, with_state=cfg.save_state)
+    save(run, cfg.output_name, with_state=cfg.save_state or cfg.save_state_on_train_end)
     sampling = cfg.sample_every_n_steps or cfg.sample_every_n_epochs
     if run.prompts and sampling and run.last_sample_step != state.global_step:
         sample(run, f"{state.global_step:06d}")
+    set_train_mode(run.optimizer, False)  # the network returned holds what was saved (schedule-free: the average)
     adapter = run.output_dir / f"{cfg.output_name}.safetensors" if run.main else None
     if world > 1:
         diff = _max_rank_difference(run.accelerator, run.network)
@@ -447,13 +477,30 @@ def finish(run: Run) -> TrainResult:
     return TrainResult(adapter=adapter, state=state, losses=run.losses, learning_rates=run.learning_rates,
                        output_dir=run.output_dir,
                        files=list(run.saver.written), skipped_images=run.dataset.num_skipped, network=run.network,
-                       models=run.models)
+                       models=run.models, validation_losses=run.validation_losses)
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def _setup_logging(main_process: bool) -> None:
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def _setup_logging(main_process: bool, cfg: TrainConfig | None = None) -> None:
+    """The console log: INFO on the main process, WARNING on the others. Called again once the flags are
+    read, to follow ``--console_log_level`` (other processes stay at WARNING or above), ``--console_log_file``
+    (the main process logs into it instead of the console) and ``--console_log_simple`` (messages only)."""
+    level, fmt, handlers = (logging.INFO if main_process else logging.WARNING), None, None
+    if cfg is not None:
+        if not (cfg.console_log_level or cfg.console_log_file or cfg.console_log_simple):
+            return
+        if cfg.console_log_level:
+            chosen = getattr(logging, cfg.console_log_level)
+            level = chosen if main_process else max(chosen, logging.WARNING)
+        fmt = "%(message)s" if cfg.console_log_simple else None
+        if cfg.console_log_file and main_process:
+            try:
+                handlers = [logging.FileHandler(cfg.console_log_file, mode="w", encoding="utf-8")]
+            except OSError as e:
+                raise ConfigError(f"--console_log_file {cfg.console_log_file}: cannot be written ({e.strerror or e}); "
+                                  "choose another file") from None
+    logging.basicConfig(level=level, format=fmt or "%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", handlers=handlers, force=cfg is not None)
     for noisy in ("transformers", "diffusers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -465,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(main_process)
     try:
         cfg = parse_args(argv)
+        _setup_logging(main_process, cfg)
         train(cfg)
     except (ConfigError, NonFiniteLossError, SaveError) as e:
         if main_process:  # every rank hits the same error; one copy is enough ...

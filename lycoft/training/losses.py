@@ -9,7 +9,9 @@ flag names and formulas (``train_util.conditional_loss``, ``custom_train_functio
     c by timestep   constant: huber_c * huber_scale
                     exponential: huber_scale * huber_c ** (t / T)
                     snr: (1 - huber_c) / (1 + sigma_t)^2 + huber_c,  sigma_t = sqrt((1 - abar_t) / abar_t)
-    loss_i  = mean over pixels of the per-element loss
+    loss_i  = mean over pixels of the per-element loss, times the sample's loss mask when it has one
+              (the mask resized to the latent grid by area averaging; masked-out pixels still count in the
+              mean, as in kohya's ``apply_masked_loss``)
     w_i     = min(SNR_t, gamma) / SNR_t          epsilon target   (min-SNR, Hang et al. 2023)
             = min(SNR_t, gamma) / (SNR_t + 1)    v target
     w_i    *= prior_loss_weight                  regularization (class) images
@@ -91,6 +93,14 @@ def elementwise_loss(pred: Tensor, target: Tensor, loss_type: str = "l2", c: Ten
     raise ValueError(f"loss type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
 
 
+def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A ``(b, 1, H, W)`` loss mask at ``size`` ``(h, w)`` by area averaging (kohya's interpolation for
+    loss masks: each latent cell gets the mean of the pixels it covers)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return torch.nn.functional.interpolate(mask, size=tuple(size), mode="area")
+
+
 def snr_weights(scheduler, timesteps: Tensor, v_prediction: bool, *, scale_v_pred_loss_like_noise_pred: bool = False,
                 v_pred_like_loss: float | None = None, debiased_estimation_loss: bool = False) -> Tensor | None:
     """The product of the per-sample weights of kohya's three SNR-based options (module docstring), or
@@ -113,12 +123,15 @@ def diffusion_loss(pred: Tensor, target: Tensor, timesteps: Tensor, is_reg: Tens
                    prior_loss_weight: float = 1.0, loss_type: str = "l2", huber_schedule: str = "snr",
                    huber_c: float = 0.1, huber_scale: float = 1.0,
                    scale_v_pred_loss_like_noise_pred: bool = False, v_pred_like_loss: float | None = None,
-                   debiased_estimation_loss: bool = False) -> tuple[Tensor, Tensor]:
-    """(weighted batch loss, unweighted per-sample loss of `loss_type`), computed in float32."""
+                   debiased_estimation_loss: bool = False, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(weighted batch loss, unweighted per-sample loss of `loss_type`), computed in float32. `mask` is the
+    ``(b, 1, h, w)`` loss mask in [0, 1] (any size; see `resize_mask`), or None."""
     c = None
     if loss_type in ("huber", "smooth_l1"):
         c = huber_threshold(scheduler, timesteps, huber_schedule, huber_c, huber_scale)
     per_sample = elementwise_loss(pred.float(), target.float(), loss_type, c)
+    if mask is not None:
+        per_sample = per_sample * resize_mask(mask.to(per_sample.device, torch.float32), per_sample.shape[-2:])
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.dim())))
     weights = torch.ones_like(per_sample)
     if min_snr_gamma is not None:

@@ -134,6 +134,12 @@ def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_proces
         "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_num_skipped_images": dataset.num_skipped,
+        "ss_num_validation_images": dataset.validation.num_train_slots if dataset.validation is not None else 0,
+        "ss_validation_seed": cfg.validation_seed,
+        "ss_validation_split": cfg.validation_split,
+        "ss_max_validation_steps": cfg.max_validation_steps,
+        "ss_validate_every_n_epochs": cfg.validate_every_n_epochs,
+        "ss_validate_every_n_steps": cfg.validate_every_n_steps,
     }
     return {k: str(v) for k, v in md.items()} | user_metadata(cfg)
 

@@ -68,6 +68,12 @@ def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gene
     return torch.randint(min_timestep, high, (batch,), generator=generator).to(device)
 
 
+def validation_timesteps(low: int, high: int, count: int = 4) -> list[int]:
+    """kohya's fixed validation timesteps: `count` evenly spaced points strictly inside ``[low, high]``,
+    rounded down (200, 400, 600 and 800 for the full range 0..1000)."""
+    return [low + (high - low) * i // (count + 1) for i in range(1, count + 1)]
+
+
 def perturb_input_noise(noise: Tensor, generator: torch.Generator, gamma: float | None,
                         random_strength: bool = False) -> Tensor:
     """The noise that goes into the noised latents with input perturbation (``--ip_noise_gamma``,

@@ -142,12 +142,15 @@ class Saver:
         v_prediction: recorded in the file's metadata (``ss_base_model_version`` ``..._v``).
         keep_last_steps: delete step saves more than this many steps older than the newest.
         keep_last_epochs: keep only this many epoch saves.
+        keep_last_steps_state, keep_last_epochs_state: the same for the training states, which are pruned apart
+            from the adapters (kohya's ``--save_last_n_*_state``); None: as the adapters.
     """
 
     def __init__(self, accelerator: Any, output_dir: str | Path, output_name: str, *,
                  metadata: Callable[[int, int], Mapping[str, Any]], save_precision: str | None = None,
                  v_prediction: bool = False, keep_last_steps: int | None = None,
-                 keep_last_epochs: int | None = None) -> None:
+                 keep_last_epochs: int | None = None, keep_last_steps_state: int | None = None,
+                 keep_last_epochs_state: int | None = None) -> None:
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.output_name = output_name
@@ -156,6 +159,8 @@ class Saver:
         self.v_prediction = v_prediction
         self.keep_last_steps = keep_last_steps
         self.keep_last_epochs = keep_last_epochs
+        self.keep_last_steps_state = keep_last_steps_state or keep_last_steps
+        self.keep_last_epochs_state = keep_last_epochs_state or keep_last_epochs
         self.written: list[Path] = []
         self.last_state: Path | None = None
 
@@ -283,18 +288,30 @@ class Saver:
 
     # -- pruning --------------------------------------------------------------------------------
     def prune_steps(self, current_step: int) -> list[Path]:
-        """Delete step saves (files and states) older than ``current_step - keep_last_steps``."""
-        if not self.keep_last_steps or not self.accelerator.is_main_process:
-            return []
-        pattern = re.compile(re.escape(self.output_name) + r"-step(\d{8})(\.safetensors|-state)$")
-        return self._prune(pattern, lambda n: n < current_step - self.keep_last_steps and n != current_step)
+        """Delete step adapters older than ``current_step - keep_last_steps`` and step states older than
+        ``current_step - keep_last_steps_state``."""
+        removed: list[Path] = []
+        for kind, keep in ((r"\.safetensors", self.keep_last_steps), ("-state", self.keep_last_steps_state)):
+            if keep and self.accelerator.is_main_process:
+                pattern = re.compile(re.escape(self.output_name) + r"-step(\d{8})" + kind + "$")
+                removed += self._prune(pattern, lambda n, keep=keep: n < current_step - keep and n != current_step)
+        return removed
 
     def prune_epochs(self, current_epoch: int) -> list[Path]:
-        """Keep only the newest ``keep_last_epochs`` epoch saves (files and states)."""
-        if not self.keep_last_epochs or not self.accelerator.is_main_process:
-            return []
-        pattern = re.compile(re.escape(self.output_name) + r"-(\d{6})(\.safetensors|-state)$")
-        return self._prune(pattern, lambda n: n <= current_epoch - self.keep_last_epochs and n != current_epoch)
+        """Keep only the newest ``keep_last_epochs`` epoch adapters and ``keep_last_epochs_state`` epoch
+        states up to `current_epoch` (counting saves, so that saving every N epochs keeps as many)."""
+        removed: list[Path] = []
+        for kind, keep in ((r"\.safetensors", self.keep_last_epochs), ("-state", self.keep_last_epochs_state)):
+            if keep and self.accelerator.is_main_process:
+                pattern = re.compile(re.escape(self.output_name) + r"-(\d{6})" + kind + "$")
+                numbers = (int(m.group(1)) for m in map(pattern.match, self._entries()) if m)
+                saved = sorted(n for n in numbers if n <= current_epoch)
+                kept = set(saved[-keep:]) | {current_epoch}
+                removed += self._prune(pattern, lambda n, kept=kept: n <= current_epoch and n not in kept)
+        return removed
+
+    def _entries(self) -> list[str]:
+        return sorted(entry.name for entry in self.output_dir.iterdir()) if self.output_dir.is_dir() else []
 
     def _prune(self, pattern: re.Pattern, old: Callable[[int], bool]) -> list[Path]:
         removed = []

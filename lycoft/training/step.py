@@ -6,7 +6,8 @@ batches (`EpochBatches`); each optimizer step takes `gradient_accumulation_steps
 1. `accumulate`, per micro-batch: seed its draws, `micro_batch_loss` (latents, noise, timesteps, the
    adapted UNet's prediction, the loss), then backward; a non-finite loss stops the run or skips the step;
 2. `optimizer_step`: check the gradients, clip, step the optimizer and the LR schedule, count the step;
-3. `after_step`: progress and tracker logs, the epoch's end, `save` and `sample` at their intervals.
+3. `after_step`: progress and tracker logs, `validate_due` (the held-out loss), the epoch's end, `save` and
+   `sample` at their intervals.
 
 The shared pieces travel in a `Run`, built by the setup steps of `loop.train`.
 """
@@ -36,7 +37,8 @@ from lycoft.training.dataset import TrainingDataset
 from lycoft.training.flags import TrainConfig
 from lycoft.training.fp8_base import compute_dtype
 from lycoft.training.models import Models
-from lycoft.training.noise import perturb_input_noise, sample_noise, sample_timesteps
+from lycoft.training.noise import perturb_input_noise, sample_noise, sample_timesteps, validation_timesteps
+from lycoft.training.optimizers import evaluation_point
 from lycoft.training.sampler import derive_seed
 from lycoft.training.sampling import SamplePrompt, render, save_images
 from lycoft.training.saving import Saver, TrainState, adapter_stem
@@ -149,6 +151,7 @@ class Run:
     losses: list[float] = field(default_factory=list)  # per optimizer step taken, mean over processes
     learning_rates: list[tuple[float, ...]] = field(default_factory=list)  # per optimizer step, per group
     last_sample_step: int | None = None  # the step the last samples were rendered at
+    validation_losses: list[tuple[int, str, float]] = field(default_factory=list)  # (step, "step"/"epoch", loss)
     params: list[torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -177,9 +180,7 @@ def step_seed(seed: int, kind: int, step: int, micro: int, rank: int) -> int:
 def train_epochs(run: Run) -> None:
     """Train from `run.state` to the last step (a sample first with ``--sample_at_first``)."""
     cfg = run.cfg
-    loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=run.batches,
-                                         num_workers=cfg.data_loader_workers(),
-                                         persistent_workers=cfg.data_loader_workers() > 0)
+    loader = data_loader(cfg, run.dataset, run.batches)
     if cfg.sample_at_first and run.prompts and run.state.global_step == 0:
         sample(run, f"{0:06d}")
     progress = tqdm(total=run.steps.total, initial=run.state.global_step, disable=not run.main, desc="steps",
@@ -187,6 +188,14 @@ def train_epochs(run: Run) -> None:
     while run.state.global_step < run.steps.total:
         train_epoch(run, loader, progress)
     progress.close()
+
+
+def data_loader(cfg: TrainConfig, dataset: Any, batches: Any) -> torch.utils.data.DataLoader:
+    """The loader of `batches` (a batch sampler) from `dataset`: ``--max_data_loader_n_workers`` worker
+    processes, kept alive between epochs unless ``--persistent_data_loader_workers false``."""
+    workers = cfg.data_loader_workers()
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       persistent_workers=cfg.persistent_data_loader_workers and workers > 0)
 
 
 def train_epoch(run: Run, loader: torch.utils.data.DataLoader, progress: tqdm) -> None:
@@ -241,9 +250,11 @@ def accumulate(run: Run, batch: dict[str, Any], micro: int, in_step: int) -> flo
         raise stop_nonfinite(run, f"the loss is {float(loss.detach())}", "use --mixed_precision bf16 or no")
 
 
-def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator,
+                     timestep: int | None = None) -> torch.Tensor:
     """The diffusion loss of one micro-batch: latents (cached, or encoded with a posterior sample), noise
-    and timesteps from ``generator``, the adapted UNet's prediction against its target."""
+    and timesteps from ``generator`` (or every sample at `timestep`), the adapted UNet's prediction
+    against its target, weighted by the batch's loss masks if it has them."""
     models, device = run.models, run.accelerator.device
     noise_scheduler = models.noise_scheduler
     if "latents" in batch:
@@ -259,8 +270,11 @@ def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator
                          adaptive_noise_scale=cfg.adaptive_noise_scale,
                          multires_iterations=cfg.multires_noise_iterations,
                          multires_discount=cfg.multires_noise_discount)
-    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device,
-                                 cfg.min_timestep or 0, cfg.max_timestep)
+    if timestep is None:
+        timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device,
+                                     cfg.min_timestep or 0, cfg.max_timestep)
+    else:
+        timesteps = torch.full((latents.shape[0],), timestep, dtype=torch.int64, device=device)
     input_noise = perturb_input_noise(noise, generator, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength)
     noisy = noise_scheduler.add_noise(latents, input_noise, timesteps)
     target = losses.target_for(noise_scheduler, latents, noise, timesteps, models.v_prediction)
@@ -278,7 +292,7 @@ def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator
                                     huber_schedule=cfg.huber_schedule, huber_c=cfg.huber_c, huber_scale=cfg.huber_scale,
                                     scale_v_pred_loss_like_noise_pred=cfg.scale_v_pred_loss_like_noise_pred,
                                     v_pred_like_loss=cfg.v_pred_like_loss,
-                                    debiased_estimation_loss=cfg.debiased_estimation_loss)
+                                    debiased_estimation_loss=cfg.debiased_estimation_loss, mask=batch.get("mask"))
     return loss
 
 
@@ -318,10 +332,12 @@ def after_step(run: Run, epoch_loss: list[float], progress: tqdm) -> bool:
     cfg, state = run.cfg, run.state
     progress.update(1)
     if epoch_loss:
-        progress.set_postfix(loss=f"{sum(epoch_loss) / len(epoch_loss):.4f}", epoch=state.epoch + 1)
+        progress.set_postfix(_postfix(run, epoch_loss))
     if run.main and run.tracking_on and run.losses:
         run.accelerator.log(tracking.step_logs(run.losses[-1], sum(epoch_loss) / max(len(epoch_loss), 1),
                                                run.optimizer, run.network), step=state.global_step)
+    if run.dataset.validation is not None:
+        validate_due(run, epoch_loss, progress)
     epoch_done = state.step_in_epoch == run.steps.per_epoch
     if epoch_done:
         state.epoch += 1
@@ -357,8 +373,10 @@ def _grads_finite(params: Sequence[torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------ saving and sampling
 def save(run: Run, stem: str, with_state: bool) -> None:
-    """The adapter as ``<stem>.safetensors`` (and the training state beside it), on every rank's call."""
-    run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
+    """The adapter as ``<stem>.safetensors`` (at the optimizer's evaluation point) and the training state beside
+    it (at its training point, to resume from), on every rank's call."""
+    with evaluation_point(run.optimizer):
+        run.saver.save_adapter(run.network, stem, step=run.state.global_step, epoch=run.state.epoch)
     if with_state:
         run.saver.save_state(stem, run.state)
     if run.main and run.tracking_on:
@@ -387,7 +405,7 @@ def sample(run: Run, tag: str) -> None:
         try:
             logger.info("rendering %d sample(s) at %s", len(run.prompts), tag)
             started = time.perf_counter()
-            with run.accelerator.autocast():
+            with run.accelerator.autocast(), evaluation_point(run.optimizer):
                 images = render(run.models.pipe, run.prompts, sampler=cfg.sample_sampler, run_seed=cfg.seed,
                                 conditioner=run.conditioner)
             paths = save_images(images, run.prompts, folder, cfg.output_name, tag, sampler=cfg.sample_sampler,
@@ -400,3 +418,85 @@ def sample(run: Run, tag: str) -> None:
         finally:
             run.network.train()
     run.accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _postfix(run: Run, epoch_loss: list[float]) -> dict[str, Any]:
+    """The progress line: the epoch's mean loss, the epoch, and the last validation loss once there is one."""
+    shown: dict[str, Any] = {"loss": f"{sum(epoch_loss) / max(len(epoch_loss), 1):.4f}", "epoch": run.state.epoch + 1}
+    if run.validation_losses:
+        shown["val_loss"] = f"{run.validation_losses[-1][2]:.4f}"
+    return shown
+
+
+def validate_due(run: Run, epoch_loss: list[float], progress: tqdm) -> None:
+    """The validation loss at kohya's points, logged: every ``--validate_every_n_steps`` steps, and at the
+    end of every ``--validate_every_n_epochs``-th epoch (every epoch when unset; the last, partial epoch
+    counts). Trackers get kohya's ``loss/validation/{step,epoch}_average`` and ``..._divergence`` (the
+    validation loss minus the epoch's mean training loss)."""
+    cfg, state = run.cfg, run.state
+    kinds = []
+    if cfg.validate_every_n_steps and state.global_step % cfg.validate_every_n_steps == 0:
+        kinds.append("step")
+    epoch_end = state.step_in_epoch == run.steps.per_epoch or state.global_step >= run.steps.total
+    every = cfg.validate_every_n_epochs
+    if epoch_end and (every is None or (state.epoch + 1) % every == 0):
+        kinds.append("epoch")
+    if not kinds:
+        return
+    value = validation_loss(run)  # a function of the adapter alone: one computation serves both kinds
+    train = sum(epoch_loss) / len(epoch_loss) if epoch_loss else None
+    for kind in kinds:
+        run.validation_losses.append((state.global_step, kind, value))
+        if run.main and run.tracking_on:
+            logs = {f"loss/validation/{kind}_average": value}
+            if train is not None:
+                logs[f"loss/validation/{kind}_divergence"] = value - train
+            run.accelerator.log(logs, step=state.global_step)
+    if run.main:
+        logger.info("validation loss at step %d (epoch %d): %.4f%s", state.global_step, state.epoch + 1, value,
+                    f" (training loss of the epoch: {train:.4f})" if train is not None else "")
+    progress.set_postfix(_postfix(run, epoch_loss))
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    """The mean loss over the held-out batches (the first ``--max_validation_steps``, in a fixed order)
+    at each of kohya's fixed timesteps (`validation_timesteps`), with noise seeded by (``--validation_seed``
+    or ``--seed``, batch, timestep): the same draws every time, so successive values differ only by what
+    the adapter learned. The adapter runs in eval mode at the optimizer's evaluation point (what samples and
+    saved adapters show), and the global RNG state is put back afterwards,
+    so training draws exactly what it would have without validation. The batches are shared out over the
+    processes (the mean does not depend on their number)."""
+    cfg, accelerator, held_out = run.cfg, run.accelerator, run.dataset.validation
+    assert held_out is not None
+    seed = cfg.validation_seed if cfg.validation_seed is not None else cfg.seed
+    num_timesteps = run.models.noise_scheduler.config.num_train_timesteps
+    timesteps = validation_timesteps(cfg.min_timestep or 0,
+                                     num_timesteps if cfg.max_timestep is None else cfg.max_timestep)
+    batches = held_out.batch_sampler(shuffle=False).batches(0)[:cfg.max_validation_steps]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # Every process makes the same number of forward calls (collectives inside them stay in step); the
+    # padding repeats batch 0 and is not counted.
+    padded = math.ceil(len(batches) / world) * world
+    mine = [(i if i < len(batches) else None, batches[i % len(batches)]) for i in range(rank, padded, world)]
+    totals = torch.zeros(2, dtype=torch.float64)
+    rng_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    run.network.eval()
+    try:
+        with evaluation_point(run.optimizer):  # schedule-free optimizers: the weights samples and saves show
+            for index, keys in mine:
+                batch = torch.utils.data.default_collate([held_out[key] for key in keys])
+                for j, t in enumerate(timesteps):
+                    generator = torch.Generator().manual_seed(derive_seed(seed, 5, index or 0, j) % 2**63)
+                    loss = float(micro_batch_loss(run, batch, generator, timestep=t))
+                    if index is not None:
+                        totals += torch.tensor([loss, 1.0], dtype=torch.float64)
+    finally:
+        run.network.train()
+        torch.set_rng_state(rng_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+    totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+    return float(totals[0] / totals[1])

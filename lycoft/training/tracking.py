@@ -6,12 +6,18 @@ over the epoch so far), ``lr/<group>`` for each parameter group (``unet``, ``te1
 rotation size ``||Q||_F`` per component (``rotation/<component>/mean`` and ``.../max``). Per-module
 sizes (``rotation_module/<key>``) are logged at every epoch end and save, where they show which layers
 the adapter actually moves. Sample images go to the trackers that take images (`log_samples`).
+
+The trackers are set up as kohya's are (`log_dir`, `init_trackers`): ``--log_prefix`` gives each run a new
+folder, ``--log_tracker_name`` names the project, ``--log_tracker_config`` and ``--wandb_run_name`` pass
+keyword arguments, and ``--log_config`` sends the settings (`logged_config`, without paths).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lycoft.training.config_files import read_tracker_config
 from lycoft.training.errors import ConfigError
 from lycoft.training.flags import TrainConfig
 
@@ -37,6 +44,40 @@ def trackers(cfg: TrainConfig) -> list[str]:
             raise ConfigError(f"--log_with {cfg.log_with or 'tensorboard'} needs the {name} package; "
                               f"pip install {name}, or drop --log_with/--logging_dir")
     return wanted
+
+
+# Flags whose values are paths on this machine (they may name users and machines): never sent to trackers.
+_PATH_FLAGS = frozenset((
+    "pretrained_model_name_or_path", "vae", "train_data_dir", "reg_data_dir", "conditioning_data_dir", "dataset_config",
+    "output_dir",
+    "logging_dir", "resume", "network_weights", "base_weights", "sample_prompts", "metadata_thumbnail", "config",
+    "log_tracker_config", "console_log_file",
+))
+
+
+def log_dir(cfg: TrainConfig) -> str | None:
+    """Where the trackers write: ``--logging_dir``, or with ``--log_prefix`` a new folder in it for this run,
+    ``<log_prefix><YYYYmmddHHMMSS>`` (kohya's naming)."""
+    if cfg.logging_dir is None or cfg.log_prefix is None:
+        return cfg.logging_dir
+    return os.path.join(cfg.logging_dir, cfg.log_prefix + time.strftime("%Y%m%d%H%M%S", time.localtime()))
+
+
+def logged_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings as trackers take them (numbers, strings, booleans), paths left out."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()
+            if k not in _PATH_FLAGS}
+
+
+def init_trackers(accelerator: Any, cfg: TrainConfig) -> None:
+    """Start the run's trackers: project ``--log_tracker_name`` (default ``--output_name``), the keyword
+    arguments of ``--log_tracker_config`` (``--wandb_run_name`` names the W&B run unless that file does),
+    the settings with ``--log_config``."""
+    kwargs = read_tracker_config(cfg.log_tracker_config) if cfg.log_tracker_config else {}
+    if cfg.wandb_run_name:
+        kwargs.setdefault("wandb", {}).setdefault("name", cfg.wandb_run_name)
+    accelerator.init_trackers(cfg.log_tracker_name or cfg.output_name,
+                              config=logged_config(cfg) if cfg.log_config else None, init_kwargs=kwargs)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from lycoft.checkpoints.families import SD2, SDXL
+from lycoft.training.config_files import read_tracker_config
 from lycoft.training.dataset_config import datasets_from_config
 from lycoft.training.errors import ConfigError, did_you_mean
 from lycoft.training.flags import TrainConfig
@@ -180,12 +181,83 @@ def _optimizer_and_schedule(cfg: TrainConfig, p: _Problems) -> None:
         cfg.optimizer_kwargs()
     except ConfigError as e:
         p.append(str(e))
-    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
-        p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant; "
-                 "use constant_with_warmup (or another schedule)")
+    else:
+        _optimizer_owns_schedule(cfg, p)
     p.positive("lr_scheduler_num_cycles", allow_none=False)
     if not cfg.lr_scheduler_power > 0:
         p.append(f"--lr_scheduler_power must be > 0, got {cfg.lr_scheduler_power}")
+    _schedule(cfg, p)
+
+
+def _optimizer_owns_schedule(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of optimizers that bring their own schedule (schedule-free, Adafactor's relative step), and of
+    --lr_warmup_steps where no warm-up would happen."""
+    if cfg.schedule_free:
+        if cfg.lr_scheduler != "constant" or cfg.lr_warmup_steps or cfg.lr_scheduler_type:
+            logger.warning("--optimizer_type %s needs no LR schedule, so --lr_scheduler, --lr_scheduler_type and "
+                           "--lr_warmup_steps are ignored (as in sd-scripts); give a warm-up as --optimizer_args "
+                           "warmup_steps=N", cfg.optimizer_type)
+    elif cfg.lr_scheduler_type:
+        if cfg.lr_warmup_steps:
+            p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler_type "
+                     f"{cfg.lr_scheduler_type}; give its arguments in --lr_scheduler_args or drop it")
+        if cfg.lr_scheduler != "constant":
+            logger.warning("--lr_scheduler %s is ignored: --lr_scheduler_type %s replaces it", cfg.lr_scheduler,
+                           cfg.lr_scheduler_type)
+    elif cfg.adafactor_relative_step:
+        if cfg.lr_warmup_steps:
+            p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect while Adafactor computes its own rate "
+                     "(relative_step); use --optimizer_args warmup_init=True, or relative_step=False "
+                     "scale_parameter=False warmup_init=False for a schedule")
+        if cfg.lr_scheduler not in ("constant", "adafactor"):
+            logger.warning("--lr_scheduler %s is ignored: Adafactor computes its own rate (relative_step; as in "
+                           "sd-scripts); --optimizer_args relative_step=False scale_parameter=False "
+                           "warmup_init=False makes it follow the schedule", cfg.lr_scheduler)
+        if cfg.unet_lr is not None or cfg.text_encoder_lr:
+            logger.warning("--unet_lr and --text_encoder_lr are ignored: Adafactor computes its own rate "
+                           "(relative_step; as in sd-scripts)")
+    elif cfg.lr_scheduler == "adafactor":
+        p.append("--lr_scheduler adafactor is the rate Adafactor computes itself: it needs --optimizer_type "
+                 "Adafactor without optimizer_args relative_step=False; choose another schedule")
+    elif cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+        p.append(f"--lr_warmup_steps {cfg.lr_warmup_steps} has no effect with --lr_scheduler constant; "
+                 "use constant_with_warmup (or another schedule)")
+
+
+def _schedule(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of the named schedules' own flags: what each needs, and flags that its schedule does not read."""
+    try:
+        extra = cfg.lr_scheduler_kwargs()
+    except ConfigError as e:
+        p.append(str(e))
+        extra = {}
+    if "last_epoch" in extra:
+        p.append("--lr_scheduler_args last_epoch: the trainer sets it (on --resume); drop it")
+    p.in_range("lr_scheduler_min_lr_ratio", 0.0, 1.0)
+    if cfg.lr_scheduler_timescale is not None and cfg.lr_scheduler_timescale < 0:
+        p.append(f"--lr_scheduler_timescale must be a positive number of steps, got {cfg.lr_scheduler_timescale}")
+    try:
+        optimizer_schedule = cfg.schedule_free or cfg.adafactor_relative_step
+    except ConfigError:  # bad --optimizer_args, reported already
+        optimizer_schedule = False
+    named = None if cfg.lr_scheduler_type or optimizer_schedule else cfg.lr_scheduler
+    if named == "cosine_with_min_lr" and cfg.lr_scheduler_min_lr_ratio is None and "min_lr" not in extra:
+        p.append("--lr_scheduler cosine_with_min_lr needs --lr_scheduler_min_lr_ratio (e.g. 0.1: the rate ends at "
+                 "a tenth of --learning_rate)")
+    if named == "piecewise_constant" and "step_rules" not in extra:
+        p.append("--lr_scheduler piecewise_constant needs --lr_scheduler_args step_rules=<m1>:<step1>,<m2>:<step2>,"
+                 "...,<m_last> (e.g. step_rules=1:100,0.1:200,0.01: multiplier 1 before step 100, 0.1 before 200, "
+                 "then 0.01)")
+    if named == "warmup_stable_decay" and not cfg.lr_decay_steps:
+        logger.warning("--lr_scheduler warmup_stable_decay without --lr_decay_steps never decays; set it (e.g. "
+                       "0.2 = the last fifth of the steps)")
+    readers = {"lr_decay_steps": ("warmup_stable_decay",),
+               "lr_scheduler_min_lr_ratio": ("cosine_with_min_lr", "warmup_stable_decay"),
+               "lr_scheduler_timescale": ("inverse_sqrt",)}
+    for name, schedules in readers.items():
+        if getattr(cfg, name) and named not in schedules:
+            logger.warning("--%s %s is ignored: only --lr_scheduler %s use%s it", name, getattr(cfg, name),
+                           " and ".join(schedules), "s" if len(schedules) == 1 else "")
 
 
 def _loss(cfg: TrainConfig, p: _Problems) -> None:
@@ -246,6 +318,23 @@ def _noise(cfg: TrainConfig, p: _Problems) -> None:
                  "the range is [min, max), or min = max for one timestep")
 
 
+def _masked_loss(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of masked loss (the rules that need the dataset are in `dataset_config`)."""
+    folder = cfg.conditioning_data_dir
+    if folder and cfg.dataset_config:
+        p.append("--conditioning_data_dir is for --train_data_dir; with --dataset_config set conditioning_data_dir "
+                 "in each [[datasets.subsets]] whose images have masks")
+    elif folder and not Path(folder).is_dir():
+        p.append(f"--conditioning_data_dir {folder!r} is not a folder (resolved from {Path.cwd()})")
+
+
+def _validation(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of validation."""
+    p.in_range("validation_split", 0.0, 1.0, hi_open=True)
+    for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+        p.positive(name)
+
+
 def _warn_unused(cfg: TrainConfig, names: tuple[str, ...], because: str) -> None:
     """Warn about each of `names` set away from its default although it does nothing (kohya ignores it)."""
     defaults = TrainConfig()
@@ -291,7 +380,7 @@ def _saving_and_sampling(cfg: TrainConfig, p: _Problems) -> None:
         p.positive(name)
     if cfg.save_last_n_steps and not cfg.save_every_n_steps:
         p.append("--save_last_n_steps needs --save_every_n_steps (there are no step saves to prune)")
-    if cfg.save_last_n_epochs and not cfg.save_every_n_epochs:
+    if cfg.save_last_n_epochs and not (cfg.save_every_n_epochs or cfg.save_n_epoch_ratio):
         p.append("--save_last_n_epochs needs --save_every_n_epochs (there are no epoch saves to prune)")
     if not cfg.output_name or any(c in cfg.output_name for c in "/\\"):
         p.append(f"--output_name {cfg.output_name!r} must be a plain file name; put folders in --output_dir")
@@ -311,6 +400,62 @@ def _saving_and_sampling(cfg: TrainConfig, p: _Problems) -> None:
         p.append(f"--log_with {cfg.log_with} needs --logging_dir (where tensorboard writes)")
 
 
+def _states_and_start(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of state pruning, the epoch save ratio, the end-of-training state and the starting step."""
+    for name in ("save_n_epoch_ratio", "save_last_n_steps_state", "save_last_n_epochs_state", "initial_epoch"):
+        p.positive(name)
+    if cfg.save_last_n_steps_state and not (cfg.save_every_n_steps and cfg.save_state):
+        p.append("--save_last_n_steps_state needs --save_every_n_steps and --save_state (there are no step states "
+                 "to prune)")
+    if cfg.save_last_n_epochs_state and not ((cfg.save_every_n_epochs or cfg.save_n_epoch_ratio) and cfg.save_state):
+        p.append("--save_last_n_epochs_state needs --save_every_n_epochs (or --save_n_epoch_ratio) and --save_state "
+                 "(there are no epoch states to prune)")
+    if cfg.save_n_epoch_ratio and cfg.save_every_n_epochs:
+        logger.info("--save_n_epoch_ratio %d replaces --save_every_n_epochs %d (kohya's rule)", cfg.save_n_epoch_ratio,
+                    cfg.save_every_n_epochs)
+    if cfg.initial_step is not None and cfg.initial_step < 0:
+        p.append(f"--initial_step must be >= 0 (0 = the first step), got {cfg.initial_step}")
+    elif cfg.initial_step is not None and not cfg.max_train_epochs and cfg.initial_step >= cfg.max_train_steps:
+        p.append(f"--initial_step {cfg.initial_step} leaves nothing to train: --max_train_steps is "
+                 f"{cfg.max_train_steps} (it counts the skipped steps too); raise it")
+    if cfg.skip_until_initial_step and cfg.initial_step is None and cfg.initial_epoch is None:
+        logger.warning("--skip_until_initial_step has no effect without --initial_step or --initial_epoch (--resume "
+                       "always continues with the data of the next step)")
+
+
+def _start_files(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of the adapter files a run starts from (--base_weights, --dim_from_weights)."""
+    for path in cfg.base_weights:
+        if not Path(path).is_file():
+            p.append(f"--base_weights {path!r} is not a file")
+    multipliers = cfg.base_weights_multiplier or []
+    if len(multipliers) > len(cfg.base_weights):
+        logger.warning("--base_weights_multiplier has %d values for %d --base_weights file(s); the extra ones are "
+                       "ignored", len(multipliers), len(cfg.base_weights))
+    if cfg.dim_from_weights and not cfg.network_weights:
+        p.append("--dim_from_weights reads the network from --network_weights; give the adapter file")
+
+
+def _logging(cfg: TrainConfig, p: _Problems) -> None:
+    """Rules of trackers and the console log."""
+    if cfg.log_with is None and cfg.logging_dir is None:
+        _warn_unused(cfg, ("log_prefix", "log_tracker_name", "log_tracker_config", "wandb_run_name", "log_config"),
+                     "no tracker (set --logging_dir or --log_with)")
+    else:
+        if not cfg.logging_dir:
+            _warn_unused(cfg, ("log_prefix",), "no --logging_dir")
+        if cfg.log_with not in ("wandb", "all"):
+            _warn_unused(cfg, ("wandb_run_name",), f"--log_with {cfg.log_with or 'tensorboard'}")
+    if cfg.log_tracker_config:
+        try:
+            read_tracker_config(cfg.log_tracker_config)
+        except ConfigError as e:
+            p.append(str(e))
+    if cfg.console_log_file and not Path(cfg.console_log_file).resolve().parent.is_dir():
+        p.append(f"--console_log_file {cfg.console_log_file!r}: its folder does not exist; create it or choose "
+                 "another file")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check the rules that involve several flags or the file system; raise one `ConfigError`
     listing every problem, so a user fixes a config in one go."""
@@ -327,9 +472,14 @@ def validate(cfg: TrainConfig) -> None:
     _optimizer_and_schedule(cfg, p)
     _loss(cfg, p)
     _noise(cfg, p)
+    _masked_loss(cfg, p)
+    _validation(cfg, p)
     _network(cfg, p)
     _prior_preservation(cfg, p)
     _saving_and_sampling(cfg, p)
+    _states_and_start(cfg, p)
+    _start_files(cfg, p)
+    _logging(cfg, p)
     # The dataset TOML is checked now too, so its typos surface before any model loads.
     if cfg.dataset_config and not p:
         try:
