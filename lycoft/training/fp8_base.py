@@ -7,9 +7,9 @@ layer does the same (`OFTLayer`), and its activation path rotates the output of 
 the adapted model computes exactly what a base whose weights were rounded to float8 computes: the
 rounding happens once, at storage, never in the adapter's arithmetic.
 
-What stays in the training dtype: biases, norms and embeddings (kohya sd-scripts casts the whole UNet,
-norms and biases included, and keeps only the text encoders' embeddings). They are under 1% of the
-bytes and the rounding would cost accuracy for nothing.
+What stays in the training dtype: biases and norms, which kohya sd-scripts casts too (0.06% of SDXL's UNet
+parameters: the rounding would cost accuracy and save nothing), and the text encoders' embeddings, which
+sd-scripts keeps as well. SDXL in bf16: UNet 4.78 GiB -> 2.39 GiB, text encoders 1.52 GiB -> 0.86 GiB.
 """
 
 from __future__ import annotations
