@@ -17,16 +17,16 @@ def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total
                        base_lrs: Sequence[float] | None = None, step: int = 0):
     """diffusers' schedule of that name with ``--lr_warmup_steps`` (steps or a fraction of `total_steps`).
 
-    `step` > 0 (a resumed run) sets each param group's learning rate to the schedule's value after `step`
-    optimizer steps from `base_lrs` (the run's configured rates, one per group; default: the groups'
-    current ``lr``), as if the schedule had been stepped `step` times."""
+    Each param group's learning rate is set to the schedule's value after `step` optimizer steps (> 0 for a
+    resumed run) from `base_lrs` (the run's configured rates, one per group; default: the groups' current
+    ``lr``), as if the schedule had been stepped `step` times."""
     from diffusers.optimization import get_scheduler
 
-    if step:
-        # torch's schedulers start from each group's `initial_lr` when created at a later step
-        for group, lr in zip(optimizer.param_groups, base_lrs or [g["lr"] for g in optimizer.param_groups],
-                             strict=True):
-            group["initial_lr"] = lr
+    # torch's schedulers start from each group's `initial_lr` if it has one, which a resumed optimizer state
+    # brings along (even at step 0): this run's rates must win over those of the run that saved it
+    for group, lr in zip(optimizer.param_groups, base_lrs or [g["lr"] for g in optimizer.param_groups],
+                         strict=True):
+        group["initial_lr"] = lr
     return get_scheduler(
         cfg.lr_scheduler,
         optimizer,
