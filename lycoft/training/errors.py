@@ -12,4 +12,11 @@ from lycoft.io.errors import AdapterFileError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, AdapterFileError)
 
-__all__ = ["USER_ERRORS", "AdapterFileError", "ConfigError", "did_you_mean"]
+__all__ = ["USER_ERRORS", "AdapterFileError", "ConfigError", "did_you_mean", "first_line"]
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, cut to `limit` characters: the cause quoted inside a one-line
+    message, where libraries' own messages can run to pages."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lycoft.io.errors import AdapterFileError, UnsafeCheckpointError
-from lycoft.training.errors import ConfigError
+from lycoft.training.errors import ConfigError, first_line
 from lycoft.training.flags import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def check_model_files(cfg: TrainConfig) -> str | None:
         try:
             detected = detect_family_from_unet(json.loads((path / "unet" / "config.json").read_text()))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{MODEL_FLAG} {source}: unet/config.json cannot be read ({_short(e)}); the diffusers "
-                              "folder is incomplete or damaged: download it again") from None
+            raise ConfigError(f"{MODEL_FLAG} {source}: unet/config.json cannot be read ({first_line(e)}); the "
+                              "diffusers folder is incomplete or damaged: download it again") from None
     elif path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             return cfg.family_override
@@ -88,7 +88,7 @@ def check_model_files(cfg: TrainConfig) -> str | None:
         try:
             detected = detect_family_from_keys(shapes)
         except ValueError as e:
-            raise ConfigError(f"{MODEL_FLAG} {source} is not a Stable Diffusion checkpoint ({_short(e)}); "
+            raise ConfigError(f"{MODEL_FLAG} {source} is not a Stable Diffusion checkpoint ({first_line(e)}); "
                               f"{_SOURCES}") from None
     elif _looks_like_a_path(source):
         raise ConfigError(f"{MODEL_FLAG} {source} does not exist{_resolved(path)}; {_SOURCES}")
@@ -135,12 +135,6 @@ def _check_vae(source: str) -> None:
 
 def _resolved(path: Path) -> str:
     return "" if path.is_absolute() else f" (resolved from {Path.cwd()})"
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message, cut to `limit` characters."""
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 @dataclass
@@ -196,9 +190,9 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
         vae = f" with --vae {cfg.vae}" if cfg.vae else ""
         if not (Path(source).expanduser().exists() or source.startswith("builtin:")):
             raise ConfigError(f"{MODEL_FLAG} {source} is not a local file or folder, and loading it from the model "
-                              f"hub failed ({_short(e.__cause__ or e, 120)}); check the hub id and the network "
+                              f"hub failed ({first_line(e.__cause__ or e, 120)}); check the hub id and the network "
                               "access, or download the model and give its folder") from None
-        raise ConfigError(f"cannot load {MODEL_FLAG} {source}{vae} ({_short(e)}); check that it is a complete "
+        raise ConfigError(f"cannot load {MODEL_FLAG} {source}{vae} ({first_line(e)}); check that it is a complete "
                           "SD1/SD2/SDXL checkpoint or diffusers folder (download it again if it was cut short)"
                           ) from None
     logger.info("loaded %s: family %s, %s", cfg.pretrained_model_name_or_path, family,

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from lycoft.training.errors import ConfigError
+from lycoft.training.errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def check_state_folder(folder: str | Path) -> None:
             elif path.suffix in (".bin", ".pkl"):
                 _check_torch_file(path)
         except (ValueError, OSError, zipfile.BadZipFile) as e:
-            why = getattr(e, "problem", None) or _first_line(e)
+            why = getattr(e, "problem", None) or first_line(e)
             raise StateFolderError(folder, f"{path.name} is truncated or damaged ({why})") from None
 
 
@@ -170,11 +170,6 @@ def _check_torch_file(path: Path) -> None:
         bad = archive.testzip()
     if bad is not None:
         raise ValueError(f"record {bad} fails its checksum")
-
-
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class SaveError(RuntimeError):
@@ -491,7 +486,7 @@ def load_state(accelerator: Any, folder: str | Path, *, num_processes: int,
             raise _refused(folder, bad) from None
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"--resume {folder} does not fit this run's adapter or optimizer "
-                              f"({_first_line(e)}); resume with the same --network_args, --optimizer_type and "
+                              f"({first_line(e)}); resume with the same --network_args, --optimizer_type and "
                               "model") from None
         finally:
             registered = getattr(accelerator, "_custom_objects", [])
