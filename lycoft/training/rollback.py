@@ -104,8 +104,3 @@ class StepUndo:
         if counters is not None:
             for f in dataclasses.fields(TrainState):
                 setattr(counters, f.name, getattr(self.counters, f.name))
-
-    def finite(self) -> bool:
-        """Whether the remembered parameters and optimizer state are all finite."""
-        saved = [v for s in self._state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        return all_finite([*(self._params or []), *saved])

@@ -3,8 +3,9 @@
 Only a file made for this network is a warm start: an adapter of another model family, or one whose
 modules mostly name layers this network does not adapt, would leave the run training from scratch while
 the user believes otherwise, so it is refused with the file, its family and the model's. A partial match
-(the file covers most of the network's layers, or the network only some of the file's) is a warning with
-the counts. A file that is not an OFT/BOFT adapter, or is damaged (NaN blocks), is refused by the reader.
+(at most half of the file's modules are not in this network) is a warning with the count; the network's
+layers the file does not cover start at the identity. A file that is not an OFT/BOFT adapter, or is damaged
+(NaN blocks), is refused by the reader; one of another block size or algo when its values are copied.
 """
 
 from __future__ import annotations
