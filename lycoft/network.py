@@ -197,6 +197,8 @@ def inject(
     comps, key_of = _components(unet, tes, family)
     targets, skipped = select_targets(comps, key_of, config, preset, include, exclude, overrides,
                                       conv_block_size)
+    if not targets and skipped:
+        raise ValueError(_nothing_fits(comps, key_of, config, preset, skipped))
     if not targets:
         raise ValueError(
             f"no layer matched preset {preset!r} with include={include!r} exclude={exclude!r}; "
@@ -212,6 +214,29 @@ def inject(
                     len(skipped), names, skipped[0][1])
     net.set_multiplier(multiplier)
     return net.apply() if apply else net
+
+
+def _nothing_fits(comps: Mapping[str, nn.Module], key_of: Mapping[str, Any], config: AdapterConfig, preset: str,
+                  skipped: Sequence[tuple[str, str]]) -> str:
+    """Why every selected layer was skipped: for a block size that divides no width, the sizes that fit most
+    of them (a few layers, such as a 4-channel conv_out, fit only tiny ones); else the first layer's reason."""
+    head = f"no layer of preset {preset!r} can take this adapter (all {len(skipped)} it selects were skipped)"
+    reason = skipped[0][1]
+    if "does not divide" not in reason or config.block_num is not None:
+        return f"{head}: {reason}"
+    keys = {k for k, _ in skipped}
+    widths = []
+    for comp, model in comps.items():
+        for path, module in model.named_modules():
+            if path and isinstance(module, SUPPORTED) and key_of[comp](path) in keys:
+                out, fan_in, _ = layer_dims(module)
+                widths.append(out if config.side == "output" else fan_in)
+    fits = {b: sum(w % b == 0 for w in widths) for b in range(2, 129, 2 if config.algo == "boft" else 1)}
+    best = sorted(b for b, n in fits.items() if n * 2 >= len(widths))[-6:]
+    distinct = sorted(set(widths))
+    shown = ", ".join(map(str, distinct[:8])) + (" ..." if len(distinct) > 8 else "")
+    return (f"{head}: {reason.split(' does not divide')[0]} divides none of their widths ({shown}); use a block "
+            f"size that fits most of them: {', '.join(map(str, best)) or '1'}")
 
 
 def _resolve_models(unet, text_encoders, pipe) -> tuple[nn.Module | None, list[nn.Module]]:

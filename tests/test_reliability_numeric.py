@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lycoft.io.safe_io import read_safetensors
 from lycoft.training import loop
@@ -38,13 +39,53 @@ def stopped_at(err: str, out: Path) -> int:
     return step
 
 
+def state_tensors_finite(folder: Path) -> None:
+    """Every tensor of a state folder is finite: the adapter's parameters and the optimizer's state."""
+    read_safetensors(folder / "model.safetensors", check_finite=True)
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    tensors = [t for per_param in optimizer["state"].values() for t in per_param.values() if torch.is_tensor(t)]
+    assert all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def resumes_at_a_sane_rate(data: Path, out: Path, err: str, *extra: str) -> None:
+    """The state the message offers is finite, and resuming from it with a sane learning rate finishes."""
+    step = stopped_at(err, out)
+    where = out / f"run-step{step - 1:08d}-state"
+    state_tensors_finite(where)
+    resumed = loop.train(parse_args(flags(data, out, "--learning_rate", "1e-4", "--resume", str(where),
+                                          "--max_train_steps", str(step + 1), *extra)))
+    assert resumed.state.global_step == step + 1 and all(math.isfinite(x) for x in resumed.losses)
+    read_safetensors(resumed.adapter, check_finite=True)
+
+
 def test_diverging_learning_rate_stops_with_the_finite_state_before(tmp_path, capsys):
+    """SGD at 1e37: the update leaves finite parameters whose next forward pass is NaN, so the state after it
+    is useless too; the one offered is from before that update."""
     data = make_toy_dataset(tmp_path / "data", n=4, size=64)
     out = tmp_path / "out"
-    code = loop.main(flags(data, out, "--learning_rate", "1e37", "--optimizer_type", "torch.optim.SGD",
-                           "--network_args", "preset=attn-only", "rescale=true"))
+    args = ("--optimizer_type", "torch.optim.SGD", "--network_args", "preset=attn-only", "rescale=true")
+    code = loop.main(flags(data, out, "--learning_rate", "1e37", *args))
     assert code == 3
-    assert stopped_at(capsys.readouterr().err, out) >= 2
+    err = capsys.readouterr().err
+    assert "the adapter diverged: the loss is nan at step 2, after the update at step 1 (epoch 1)" in err
+    resumes_at_a_sane_rate(data, out, err, *args)
+
+
+def test_an_update_that_overflows_the_adapter_offers_the_state_before_it(tmp_path, capsys):
+    """AdamW at 1e30 without warmup: the second update overflows the parameters to inf. The state offered
+    is the one before that update (finite, parameters and optimizer state), and resuming from it with a sane
+    learning rate finishes; with --skip_nonfinite the update is undone and training goes on."""
+    data = make_toy_dataset(tmp_path / "data", n=4, size=64)
+    out = tmp_path / "out"
+    diverging = ("--learning_rate", "1e30", "--lr_warmup_steps", "0", "--save_state", "--max_train_steps", "3")
+    assert loop.main(flags(data, out, *diverging)) == 3
+    err = capsys.readouterr().err
+    assert "became NaN or inf in the update at step 2 (epoch 1); training stopped" in err, err
+    resumes_at_a_sane_rate(data, out, err, "--lr_warmup_steps", "0")
+
+    skipped = loop.train(parse_args(flags(data, tmp_path / "skip", *diverging, "--skip_nonfinite")))
+    assert skipped.state.global_step == 3 and skipped.state.nonfinite_skipped >= 1
+    read_safetensors(skipped.adapter, check_finite=True)
 
 
 def test_nan_latent_cache_file_stops_or_is_skipped_and_counted(tmp_path, capsys):

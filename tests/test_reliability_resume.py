@@ -105,3 +105,69 @@ def test_resume_auto_continues_from_the_newest_state_or_starts_fresh(data, tmp_p
     fresh = loop.train(parse_args(flags(data, tmp_path / "empty", "--max_train_steps", "2", "--resume", "auto")))
     assert fresh.state.global_step == 2 and len(fresh.losses) == 2
     assert "--resume auto: no training state of 'run'" in caplog.text and "starting from scratch" in caplog.text
+
+
+def _damage(folder: Path, how: str) -> str:
+    """Damage a copied state folder as a full disk, a killed copy or an editor would; returns the file to blame."""
+    if how == "cut weights":
+        raw = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+        return "model.safetensors is truncated or damaged"
+    if how == "cut optimizer":
+        raw = (folder / "optimizer.bin").read_bytes()
+        (folder / "optimizer.bin").write_bytes(raw[: len(raw) - 4096])
+        return "optimizer.bin is truncated or damaged"
+    if how == "no optimizer":
+        (folder / "optimizer.bin").unlink()
+        return "optimizer.bin (the optimizer state) is missing"
+    (folder / "train_state.json").write_text('{"global_step": 1,')
+    return "train_state.json is damaged"
+
+
+@pytest.mark.parametrize("how", ["cut weights", "cut optimizer", "no optimizer", "bad json"])
+def test_resuming_from_a_damaged_state_names_the_file(data, state_folder, tmp_path, capsys, how):
+    damaged = tmp_path / "run-state"
+    shutil.copytree(state_folder, damaged)
+    blamed = _damage(damaged, how)
+    before = {p: p.read_bytes() for p in damaged.iterdir()}
+    assert loop.main(flags(data, tmp_path / "out", "--max_train_steps", "2", "--resume", str(damaged))) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"--resume {damaged}: {blamed}" in lines[0] and "resume from an older state (--resume auto" in lines[0]
+    assert {p: p.read_bytes() for p in damaged.iterdir()} == before
+
+
+@pytest.mark.parametrize("how", ["cut weights", "cut optimizer", "no optimizer"])
+def test_resume_auto_passes_over_a_damaged_newest_state(data, state_folder, tmp_path, caplog, how):
+    """The restart loop's promise: a state cut short by a full disk or a killed copy costs the steps since the
+    older intact state, not the run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(state_folder, out / "run-step00000001-state")
+    newest = out / "run-step00000002-state"
+    shutil.copytree(state_folder, newest)
+    (newest / "train_state.json").write_text(json.dumps({**json.loads((newest / "train_state.json").read_text()),
+                                                          "global_step": 2}))
+    blamed = _damage(newest, how)
+    caplog.set_level(logging.INFO)
+    resumed = loop.train(parse_args(flags(data, out, "--max_train_steps", "2", "--resume", "auto")))
+    assert resumed.state.global_step == 2 and len(resumed.losses) == 1  # step 2 again, from step 1
+    assert f"--resume auto: skipping {newest} (step 2): {blamed}" in caplog.text
+    assert f"--resume auto: the newest training state is {out / 'run-step00000001-state'} (step 1)" in caplog.text
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--network_args", "preset=attn-only", "block_size=16"], "block_size is 32 in the state and 16 here"),
+    (["--network_args", "preset=attn-only", "algo=boft"], "algo is oft in the state and boft here"),
+    (["--network_args", "preset=attn-only", "rescale=true"], "rescale is off in the state and on here"),
+    (["--network_args", "preset=full"], "it adapts 136 layers and this run 292"),
+    (["--optimizer_type", "torch.optim.SGD"], "was saved with another optimizer (with settings amsgrad, betas"),
+])
+def test_resuming_with_other_options_says_which_differs(data, state_folder, tmp_path, capsys, extra, says):
+    assert loop.main([*flags(data, tmp_path / "out", "--max_train_steps", "2", "--resume", str(state_folder)),
+                      *extra]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert says in lines[0] and len(lines[0]) < 400, lines[0]

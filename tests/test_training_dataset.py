@@ -6,6 +6,8 @@ import logging
 import math
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -644,6 +646,35 @@ def test_disk_latent_cache_survives_runs_and_notices_changes(tmp_path):
 
     smaller = toy_dataset(tmp_path, resolution=16)  # another bucket for every image
     assert smaller.cache_latents(LatentCache(mean_pool_encoder(calls), to_disk=True)) == 3
+
+
+def test_disk_latent_cache_leaves_no_temporaries(tmp_path, monkeypatch, caplog):
+    """A run killed while writing a cache file leaves ``<image>.lycoft.npz.<pid>.tmp`` in the image folder: the
+    next run removes it and says so (not one of a live process: another rank may be writing it). Ctrl-C in
+    the middle of a write leaves none."""
+    from lycoft.training import caching
+
+    ds = toy_dataset(tmp_path)
+    folder = ds.records[0].path.parent
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    stale = folder / f"toy_000.png.lycoft.npz.{gone.pid}.tmp"
+    live = folder / f"toy_001.png.lycoft.npz.{os.getppid()}.tmp"
+    for f in (stale, live):
+        f.write_bytes(b"half a file")
+    caplog.set_level(logging.INFO)
+    assert ds.cache_latents(LatentCache(mean_pool_encoder([]), to_disk=True)) == 3
+    assert not stale.exists() and live.exists()
+    assert f"removed {stale}, left by an interrupted run" in caplog.text
+
+    def interrupted(fh, **arrays):
+        fh.write(b"PK half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(caching.np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        toy_dataset(tmp_path, resolution=16).cache_latents(LatentCache(mean_pool_encoder([]), to_disk=True))
+    assert sorted(folder.glob("*.tmp")) == [live]
 
 
 def test_latent_cache_dir_and_memory_invalidation(tmp_path):

@@ -206,9 +206,11 @@ def test_nonfinite_loss_stops_with_the_state_before_it(toy, tmp_path, monkeypatc
     assert loop.main(flags(toy, out, max_train_steps=5, network_args=["preset=attn-only"])) == 3
     err = capsys.readouterr().err
     assert "at step 3" in err and "--resume" in err
-    state = json.loads((out / "last-step00000002-state" / "train_state.json").read_text())
-    assert state["global_step"] == 2
-    assert (out / "last-step00000002.safetensors").is_file()
+    # The parameters after step 2 gave the NaN: the state vouched for is the one before that update.
+    assert "after the update at step 2 (epoch 1); training stopped" in err
+    state = json.loads((out / "last-step00000001-state" / "train_state.json").read_text())
+    assert state["global_step"] == 1
+    assert (out / "last-step00000001.safetensors").is_file()
     assert not (out / "last.safetensors").exists()
 
     calls["n"] = 0

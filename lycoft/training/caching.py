@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,10 @@ import torch
 
 from lycoft.training.buckets import CropPlan
 
+logger = logging.getLogger(__name__)
+
 _FORMAT = "lycoft-latent-1"
+_TEMPORARY = re.compile(r".+\.lycoft\.npz\.(\d+)\.tmp")
 
 
 def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -30,9 +35,42 @@ def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     # never leave a torn file that a later run would trust.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:  # an error or Ctrl-C: no temporary stays in the image folder
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(folders: Iterable[Path]) -> list[Path]:
+    """Delete the ``<image>.lycoft.npz.<pid>.tmp`` files a killed run left in `folders` (those of a process
+    that is gone; a live one, another DDP rank, may be writing its own) and say so."""
+    removed = []
+    for folder in folders:
+        try:
+            entries = list(Path(folder).iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            m = _TEMPORARY.fullmatch(entry.name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+            logger.info("removed %s, left by an interrupted run", entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
@@ -181,6 +219,9 @@ class LatentCache:
         ``load(request)`` gives the ``(3, H, W)`` pixels, ``load_mask(request)`` the mask of a request that
         has one. Returns how many images were encoded."""
         todo: dict[tuple[int, int], list[tuple[LatentRequest, str]]] = {}
+        requests = list(requests)
+        if self.to_disk:
+            remove_stale_temporaries({self.disk_path(req.image_path).parent for req in requests})
         for req in requests:
             fp = self.fingerprint(req)
             if self._lookup(req, fp) is None:

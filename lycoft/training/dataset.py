@@ -112,6 +112,26 @@ def split_paths(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list
     return [p for p in paths if p in kept], [p for p in paths if p not in kept]
 
 
+# Beyond these an image is mostly made up or thrown away: enlarged 8x, its pixels are a blur; cropped
+# to a fifth, most of what its caption describes is gone.
+MAX_UPSCALE = 8.0
+MIN_KEPT = 0.2
+
+
+def _warn_if_degenerate(path: Path, size: tuple[int, int], bucket: tuple[int, int], bucketed: bool) -> None:
+    """Warn about an image so elongated, or so small, that its training sample is mostly not the image."""
+    (w, h), (bw, bh) = size, bucket
+    scale = max(bw / w, bh / h)  # `plan_crop` covers the bucket, then crops
+    kept = (bw * bh) / (w * h * scale * scale)
+    if kept < MIN_KEPT:
+        hint = "" if bucketed else " or enable buckets (--enable_bucket)"
+        logger.warning("image %s has an extreme aspect ratio (%dx%d): training at %dx%d keeps only %.2g%% of it; "
+                       "crop it yourself%s", path, w, h, bw, bh, 100 * kept, hint)
+    elif scale > MAX_UPSCALE:
+        logger.warning("image %s is only %dx%d pixels: it is enlarged %.0fx to train at %dx%d; remove it or use a "
+                       "larger copy", path, w, h, scale, bw, bh)
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One usable image: where it is, its size, caption and training size."""
@@ -202,8 +222,9 @@ class TrainingDataset(torch.utils.data.Dataset):
             if caption is None:
                 fallback += 1
                 caption = subset.class_tokens or ""
-            records.append(ImageRecord(path, size, caption, subset, dataset_index, bucketer.bucket_for(size),
-                                       masks.get(path)))
+            bucket = bucketer.bucket_for(size)
+            _warn_if_degenerate(path, size, bucket, bucketer.enable)
+            records.append(ImageRecord(path, size, caption, subset, dataset_index, bucket, masks.get(path)))
         if fallback and self.part == "train":
             self._warn_caption_fallback(subset, fallback, len(records))
         if not records and self.part == "train":

@@ -5,8 +5,9 @@
 1. `resolve_resume`: ``--resume auto`` to the newest state folder, and the seed settled (a resumed run's
    own unless ``--seed`` is given, else one drawn now, so that the saved config records it);
 2. `accelerator_for`: accelerate for this run (trackers checked, processes, mixed precision), reset after it;
-3. `check_before_model`: checks that need no model: flags (done by `parse_args`), optimizer import,
-   prompts, the dataset itself (folders, unreadable images, empty sets), so mistakes surface in seconds;
+3. `check_before_model`: checks that need no model: flags (done by `parse_args`), the model files' headers
+   (`models.check_model_files`), optimizer import, the ``--network_weights`` file, prompts, the dataset
+   itself (folders, unreadable images, empty sets), so mistakes surface in seconds;
 4. `load_base_model`: the base model (`models.load_models`) with any ``--base_weights`` merged in, class
    images for prior preservation if missing, the dataset and prompts again where their defaults depend on
    the model's family;
@@ -38,6 +39,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +60,7 @@ from lycoft.training.conditioning import TextConditioner
 from lycoft.training.config import parse_args
 from lycoft.training.config_files import save_config_toml
 from lycoft.training.dataset import TrainingDataset, build_dataset
-from lycoft.training.errors import ConfigError
+from lycoft.training.errors import USER_ERRORS, ConfigError
 from lycoft.training.flags import TrainConfig
 from lycoft.training.fp8_base import store_base_in_float8
 from lycoft.training.metadata import step_metadata, training_metadata
@@ -80,6 +82,7 @@ from lycoft.training.step import (
     step_seed,
     train_epochs,
 )
+from lycoft.training.warm_start import load_network_weights, read_network_weights
 
 __all__ = ["NonFiniteLossError", "TrainResult", "build_network", "check_before_model", "main", "step_seed", "train"]
 
@@ -138,9 +141,7 @@ def build_network(cfg: TrainConfig, models: Any):
     except ValueError as e:
         raise ConfigError(f"network_args: {e}") from None
     if cfg.network_weights:
-        missing = network.load_file(cfg.network_weights, strict=False)
-        logger.info("started from adapter weights %s%s", cfg.network_weights,
-                    f" ({len(missing)} of its modules not in this network)" if missing else "")
+        load_network_weights(network, cfg.network_weights, cfg.pretrained_model_name_or_path)
     return network
 
 
@@ -162,7 +163,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg = resolve_resume(cfg)
     with accelerator_for(cfg) as accelerator:
         started_at = time.time()
-        family_guess = base_model.peek_family(cfg.pretrained_model_name_or_path, cfg.family_override)
+        family_guess = base_model.check_model_files(cfg)
         dataset, prompts = check_before_model(cfg, family_guess)
         models, dataset, prompts = load_base_model(cfg, accelerator, dataset, prompts, family_guess)
         network, conditioner = build_adapter(cfg, accelerator, models)
@@ -172,7 +173,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         batches, steps = plan_steps(cfg, accelerator, dataset)
         cfg = cfg.replace(save_every_n_epochs=cfg.epoch_save_interval(steps.epochs))  # --save_n_epoch_ratio
         model, optimizer, base_lrs = prepare_training(cfg, accelerator, models, network, conditioner, train_text)
-        state = resume_state(cfg, accelerator, steps)
+        state = resume_state(cfg, accelerator, steps, model, optimizer)
         # Not checkpointed (accelerate would pickle it and unpickle it with code execution allowed): the
         # schedule is a function of the step count, so it is built at the resumed step from this run's rates.
         lr_scheduler = build_lr_scheduler(cfg, optimizer, steps.total, base_lrs=base_lrs, step=state.global_step)
@@ -237,6 +238,8 @@ def check_before_model(cfg: TrainConfig, family: str | None):
     """Everything that can be checked without loading weights; returns (dataset or None, prompts)."""
     resolve_optimizer(cfg.optimizer_type)
     resolve_lr_scheduler(cfg)
+    if cfg.network_weights:
+        read_network_weights(cfg.network_weights, family, cfg.pretrained_model_name_or_path)
     prompts = []
     if cfg.sample_prompts:
         w, h = cfg.resolved_resolution(family)
@@ -382,7 +385,8 @@ def prepare_training(cfg: TrainConfig, accelerator: Accelerator, models: base_mo
 
 
 # 9. ---------------------------------------------------------------------------------------------------
-def resume_state(cfg: TrainConfig, accelerator: Accelerator, steps: StepPlan) -> TrainState:
+def resume_state(cfg: TrainConfig, accelerator: Accelerator, steps: StepPlan, model: nn.Module,
+                 optimizer: torch.optim.Optimizer) -> TrainState:
     """The step counters: fresh (at ``--initial_step``/``--initial_epoch`` if given), or those of ``--resume``
     with its checkpoint loaded into the adapter, the optimizer and the RNGs."""
     world = accelerator.num_processes
@@ -392,7 +396,8 @@ def resume_state(cfg: TrainConfig, accelerator: Accelerator, steps: StepPlan) ->
     if start is not None and accelerator.is_main_process:
         logger.warning("--initial_step/--initial_epoch ignored: --resume %s continues its own step count, so that "
                        "the run goes on exactly as it would have", cfg.resume)
-    state = load_state(accelerator, cfg.resume, num_processes=world)
+    state = load_state(accelerator, cfg.resume, num_processes=world, model=accelerator.unwrap_model(model),
+                       optimizer=optimizer)
     if state.seed != cfg.seed:
         logger.warning("--seed %d differs from the resumed run's seed %d: the remaining steps draw "
                        "different noise and data order than the interrupted run would have", cfg.seed, state.seed)
@@ -506,18 +511,42 @@ def _setup_logging(main_process: bool, cfg: TrainConfig | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``train_network.py``: exit code 0 on success, 2 for a configuration error, 3 for a non-finite loss,
-    4 for a save that failed (disk full, read-only output)."""
+    """``train_network.py``; returns the exit code: 0 done, 1 an internal error (a bug: its traceback is
+    printed), 2 a user error (one message naming the value or file and the fix), 3 a non-finite loss
+    stopped training, 4 a save failed (disk full, read-only output), 130 interrupted (Ctrl-C)."""
     main_process = os.environ.get("RANK", "0") == "0"
     _setup_logging(main_process)
+    cfg = None
     try:
         cfg = parse_args(argv)
         _setup_logging(main_process, cfg)
         train(cfg)
-    except (ConfigError, NonFiniteLossError, SaveError) as e:
+    except (*USER_ERRORS, NonFiniteLossError, SaveError) as e:
         if main_process:  # every rank hits the same error; one copy is enough ...
             print(f"error: {e}", file=sys.stderr)
         elif isinstance(e, SaveError):  # ... except a failed save, whose cause only the failing rank knows
             print(f"error (process {os.environ.get('RANK')}): {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 3 if isinstance(e, NonFiniteLossError) else 4
+        return 3 if isinstance(e, NonFiniteLossError) else 4 if isinstance(e, SaveError) else 2
+    except KeyboardInterrupt:
+        if main_process:
+            print(f"\ninterrupted: {_resume_hint(cfg)}", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("error: internal error, a bug in lycoft rather than in your settings or files; please report it "
+              "with the traceback above", file=sys.stderr)
+        return 1
     return 0
+
+
+def _resume_hint(cfg: TrainConfig | None) -> str:
+    """Where the newest training state of this run's output name is, and how to continue from it."""
+    if cfg is None:
+        return "nothing was trained"
+    found = newest_state(cfg.output_dir, cfg.output_name)
+    if found is None:
+        return (f"no training state of {cfg.output_name!r} is in {cfg.output_dir}, so the next run starts from "
+                "scratch (--save_state with --save_every_n_steps keeps states to resume from)")
+    folder, state = found
+    return (f"the newest training state is {folder} (step {state.global_step}); continue with --resume auto "
+            f"(or --resume {folder})")

@@ -1,10 +1,13 @@
 """The frozen base model for training: load it, freeze it, place it, and pick its attention kernel.
 
-`peek_family` answers "which family is this?" from file headers and configs alone, so the dataset (whose
-default resolution depends on the family) can be checked before any weights are read. `load_models`
-does the heavy part: `lycoft.checkpoints.load_pipeline`, then everything is frozen and moved to the
-training device in the weight dtype (fp16/bf16 under mixed precision, except a `--no_half_vae` VAE).
-Adapters are added later by `lycoft.inject`; they keep their own float32 parameters.
+`check_model_files` answers "which family is this?" from file headers and configs alone, so the dataset
+(whose default resolution depends on the family) can be checked before any weights are read; on the way it
+refuses what cannot load (a missing, truncated or empty model, a family flag that contradicts the file, a
+``--vae`` without VAE weights) with a `ConfigError` naming the file. `load_models` does the heavy part:
+`lycoft.checkpoints.load_pipeline`, then everything is frozen and moved to the training device in the weight
+dtype (fp16/bf16 under mixed precision, except a `--no_half_vae` VAE); what fails there for a reason of the
+files (a pickle that could run code, an unknown hub id, a damaged folder) is a `ConfigError` too. Adapters
+are added later by `lycoft.inject`; they keep their own float32 parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any
 
 import torch
 
-from lycoft.training.errors import ConfigError
+from lycoft.io.errors import AdapterFileError, UnsafeCheckpointError
+from lycoft.training.errors import ConfigError, first_line
 from lycoft.training.flags import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,91 @@ def peek_family(source: str | None, override: str | None = None) -> str | None:
     except (OSError, ValueError) as e:
         logger.debug("could not tell the family of %s before loading it: %s", source, e)
     return None
+
+
+MODEL_FLAG = "--pretrained_model_name_or_path"
+_SOURCES = "give a .safetensors/.ckpt file, a diffusers folder (with model_index.json), a hub id or builtin:tiny-sd1"
+
+
+def check_model_files(cfg: TrainConfig) -> str | None:
+    """Check the base model and ``--vae`` without loading weights; returns the model's family when the
+    headers tell (None for hub ids and pickles: only loading can tell)."""
+    from lycoft.checkpoints.families import detect_family_from_keys, detect_family_from_unet
+    from lycoft.checkpoints.loading import BUILTIN_PREFIX, PICKLE_SUFFIXES, read_checkpoint_header
+
+    source = cfg.pretrained_model_name_or_path
+    if cfg.vae:
+        _check_vae(cfg.vae)
+    if not source or source.startswith(BUILTIN_PREFIX):
+        return peek_family(source, cfg.family_override)
+    path = Path(source).expanduser()
+    detected = None
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            what = "an empty folder" if not any(path.iterdir()) else "a folder without model_index.json"
+            raise ConfigError(f"{MODEL_FLAG} {source} is {what}, not a diffusers model; {_SOURCES}")
+        try:
+            detected = detect_family_from_unet(json.loads((path / "unet" / "config.json").read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{MODEL_FLAG} {source}: unet/config.json cannot be read ({first_line(e)}); the "
+                              "diffusers folder is incomplete or damaged: download it again") from None
+    elif path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            return cfg.family_override
+        try:
+            shapes, _ = read_checkpoint_header(path)
+        except AdapterFileError as e:
+            raise ConfigError(f"{MODEL_FLAG} {e}") from None
+        try:
+            detected = detect_family_from_keys(shapes)
+        except ValueError as e:
+            raise ConfigError(f"{MODEL_FLAG} {source} is not a Stable Diffusion checkpoint ({first_line(e)}); "
+                              f"{_SOURCES}") from None
+    elif _looks_like_a_path(source):
+        raise ConfigError(f"{MODEL_FLAG} {source} does not exist{_resolved(path)}; {_SOURCES}")
+    else:
+        return cfg.family_override  # a hub id: only loading it can tell
+    forced = cfg.family_override
+    if forced and detected and forced != detected:
+        flag = f"--model_family {forced}" if cfg.model_family else "--v2" if cfg.v2 else "--sdxl"
+        raise ConfigError(f"{MODEL_FLAG} {source} is an {detected} model, but {flag} says {forced}; drop {flag} "
+                          f"(the family is read from the model) or give an {forced} model")
+    return detected
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A hub id is ``owner/name``; anything with a file suffix, a leading ``.``, ``/`` or ``~``, or more than
+    one ``/`` is a local path that is not there."""
+    from lycoft.checkpoints.loading import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+
+    return (Path(source).suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+            or source.startswith((".", "/", "~", "\\")) or source.count("/") != 1 or "\\" in source)
+
+
+def _check_vae(source: str) -> None:
+    path = Path(source).expanduser()
+    fix = "give a VAE .safetensors/.ckpt file or a diffusers VAE folder"
+    if path.is_dir():
+        if not ((path / "config.json").is_file() or (path / "vae" / "config.json").is_file()):
+            raise ConfigError(f"--vae {source} is a folder without config.json or vae/config.json; {fix}")
+        return
+    if not path.is_file():
+        raise ConfigError(f"--vae {source} does not exist{_resolved(path)}; {fix}")
+    if path.suffix.lower() != ".safetensors":
+        return  # a pickle: checked when it is loaded
+    from lycoft.checkpoints.loading import read_checkpoint_header
+
+    try:
+        shapes, _ = read_checkpoint_header(path)
+    except AdapterFileError as e:
+        raise ConfigError(f"--vae {e}") from None
+    if not any("decoder.conv_in." in key for key in shapes):
+        raise ConfigError(f"--vae {source} holds no VAE weights (no decoder.conv_in tensor among its "
+                          f"{len(shapes)}); {fix}")
+
+
+def _resolved(path: Path) -> str:
+    return "" if path.is_absolute() else f" (resolved from {Path.cwd()})"
 
 
 @dataclass
@@ -81,12 +170,32 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
     from lycoft.checkpoints.families import pipeline_text_encoders
     from lycoft.checkpoints.loading import load_pipeline
 
-    pipe, family, v_prediction = load_pipeline(
-        cfg.pretrained_model_name_or_path,
-        family=cfg.family_override,
-        v_prediction=True if cfg.v_parameterization else None,
-        vae=cfg.vae,
-    )
+    source = cfg.pretrained_model_name_or_path
+    try:
+        pipe, family, v_prediction = load_pipeline(
+            source,
+            family=cfg.family_override,
+            v_prediction=True if cfg.v_parameterization else None,
+            vae=cfg.vae,
+        )
+    except UnsafeCheckpointError as e:
+        raise ConfigError(
+            f"{e.path}: refused to load this pickle checkpoint: it holds Python objects besides tensors, and loading "
+            "them could run code. Use a .safetensors release of the model, or convert it where you trust it (load "
+            "it with torch.load(weights_only=False), save its state_dict with safetensors.torch.save_file)") from None
+    except AdapterFileError as e:
+        raise ConfigError(f"cannot load the model: {e}") from None
+    except Exception as e:
+        if not _file_error(e):
+            raise
+        vae = f" with --vae {cfg.vae}" if cfg.vae else ""
+        if not (Path(source).expanduser().exists() or source.startswith("builtin:")):
+            raise ConfigError(f"{MODEL_FLAG} {source} is not a local file or folder, and loading it from the model "
+                              f"hub failed ({first_line(e.__cause__ or e, 120)}); check the hub id and the network "
+                              "access, or download the model and give its folder") from None
+        raise ConfigError(f"cannot load {MODEL_FLAG} {source}{vae} ({first_line(e)}); check that it is a complete "
+                          "SD1/SD2/SDXL checkpoint or diffusers folder (download it again if it was cut short)"
+                          ) from None
     logger.info("loaded %s: family %s, %s", cfg.pretrained_model_name_or_path, family,
                 "v-prediction" if v_prediction else "epsilon prediction")
     if v_prediction and cfg.v_pred_like_loss:
@@ -113,6 +222,15 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
                     noise_scheduler, weight_dtype, vae_dtype)
     models.attention = configure_attention(pipe.unet, xformers=cfg.xformers, sdpa=cfg.sdpa)
     return models
+
+
+def _file_error(error: BaseException) -> bool:
+    """Whether loading failed for a reason of the files (missing, damaged, of another kind, not on the hub)
+    rather than a bug: the errors diffusers, transformers, safetensors and lycoft's loader raise for those."""
+    if isinstance(error, (OSError, ValueError, KeyError)):
+        return True
+    return type(error).__name__ in ("SafetensorError", "SingleFileComponentError", "EntryNotFoundError",
+                                    "RepositoryNotFoundError", "LocalEntryNotFoundError")
 
 
 def configure_attention(unet: torch.nn.Module, *, xformers: bool, sdpa: bool) -> str:

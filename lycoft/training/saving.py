@@ -16,7 +16,9 @@ is in place and never touches the one just written.
 
 Resuming loads nothing that can run code: every pickle accelerate reads from a state folder is loaded
 weights-only (tensors, numbers, strings and containers of them), and a folder holding anything else is
-refused with a `ConfigError`.
+refused with a `ConfigError`. A folder is checked whole before anything is loaded from it
+(`check_state_folder`: every file there, none truncated or damaged), so ``--resume auto`` can pass over a
+damaged one and a plain ``--resume`` names the damaged file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,12 +38,21 @@ from typing import Any
 
 import torch
 
-from lycoft.training.errors import ConfigError
+from lycoft.training.errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.json"
 SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class StateFolderError(ConfigError):
+    """A state folder with a missing or damaged file; ``damage`` says which file and what is wrong."""
+
+    def __init__(self, folder: Path, damage: str) -> None:
+        self.folder, self.damage = folder, damage
+        super().__init__(f"--resume {folder}: {damage}; resume from an older state (--resume auto takes the "
+                         "newest intact one) or start over")
 
 
 @dataclass
@@ -71,12 +83,12 @@ class TrainState:
             raise ConfigError(f"--resume {folder}: no {STATE_FILE} in it; give a state folder written by "
                               "--save_state (named '<output_name>...-state')") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--resume {folder}: {STATE_FILE} is damaged ({e})") from None
+            raise StateFolderError(Path(folder), f"{STATE_FILE} is damaged ({e})") from None
         known = {f.name for f in fields(cls)}
         try:
             return cls(**{k: int(v) for k, v in data.items() if k in known})
         except (AttributeError, TypeError, ValueError) as e:  # not an object of integers
-            raise ConfigError(f"--resume {folder}: {STATE_FILE} is damaged ({e})") from None
+            raise StateFolderError(Path(folder), f"{STATE_FILE} is damaged ({e})") from None
 
 
 def adapter_stem(output_name: str, *, step: int | None = None, epoch: int | None = None) -> str:
@@ -93,29 +105,71 @@ def state_name(stem: str) -> str:
 
 
 def newest_state(output_dir: str | Path, output_name: str) -> tuple[Path, TrainState] | None:
-    """The state folder of `output_name` in `output_dir` with the most steps done (``--resume auto``).
+    """The intact state folder of `output_name` in `output_dir` with the most steps done (``--resume auto``).
 
     Looks at ``<name>-state``, ``<name>-stepNNNNNNNN-state`` and ``<name>-NNNNNN-state`` and orders them by
     the step counter in their ``train_state.json``, not by name. Hidden temporaries of an interrupted save
-    (``.<...>.partial``, ``.<...>.old``) are never candidates; a folder whose counters cannot be read is
-    skipped with a warning. None when there is no usable state folder."""
+    (``.<...>.partial``, ``.<...>.old``) are never candidates; a folder whose counters cannot be read, or
+    with a missing or damaged file (`check_state_folder`), is skipped with a warning naming it, and the
+    next older one is taken. None when there is no usable state folder."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
     pattern = re.compile(re.escape(output_name) + r"(-step\d{8}|-\d{6})?-state")
-    best: tuple[int, str, Path, TrainState] | None = None
+    candidates: list[tuple[int, str, Path, TrainState]] = []
     for entry in folder.iterdir():
         if not pattern.fullmatch(entry.name) or not entry.is_dir():
             continue
         try:
             state = TrainState.read(entry)
         except (ConfigError, OSError) as e:
-            logger.warning("--resume auto: skipping %s, its %s cannot be read (%s)", entry, STATE_FILE, e)
+            logger.warning("--resume auto: skipping %s, its %s cannot be read (%s)", entry, STATE_FILE,
+                           getattr(e, "damage", e))
             continue
-        key = (state.global_step, entry.name)
-        if best is None or key > best[:2]:
-            best = (*key, entry, state)
-    return None if best is None else (best[2], best[3])
+        candidates.append((state.global_step, entry.name, entry, state))
+    for _, _, entry, state in sorted(candidates, key=lambda c: c[:2], reverse=True):
+        try:
+            check_state_folder(entry)
+        except ConfigError as e:
+            logger.warning("--resume auto: skipping %s (step %d): %s; trying the next older state", entry,
+                           state.global_step, getattr(e, "damage", e))
+            continue
+        return entry, state
+    return None
+
+
+def check_state_folder(folder: str | Path) -> None:
+    """Raise `StateFolderError` naming the file if `folder` lacks a file `load_state` needs or holds a truncated or
+    damaged one: the counters, the adapter weights (safetensors header against the file size), the
+    optimizer and every other torch file (zip structure and checksums). Reads each file once, loads none."""
+    from lycoft.io.safe_io import read_safetensors_header
+
+    folder = Path(folder)
+    TrainState.read(folder)
+    weights = [folder / "model.safetensors", folder / "pytorch_model.bin"]
+    if not any(p.is_file() for p in weights):
+        raise StateFolderError(folder, "model.safetensors (the adapter weights) is missing")
+    if not (folder / "optimizer.bin").is_file():
+        raise StateFolderError(folder, "optimizer.bin (the optimizer state) is missing")
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                read_safetensors_header(path)
+            elif path.suffix in (".bin", ".pkl"):
+                _check_torch_file(path)
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            why = getattr(e, "problem", None) or first_line(e)
+            raise StateFolderError(folder, f"{path.name} is truncated or damaged ({why})") from None
+
+
+def _check_torch_file(path: Path) -> None:
+    """A `torch.save` file is a zip archive with a CRC-32 per record: check its structure and every checksum."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a complete torch file")
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"record {bad} fails its checksum")
 
 
 class SaveError(RuntimeError):
@@ -248,17 +302,22 @@ class Saver:
                 error = e
         self._settle(error, final, step)  # also the barrier: `partial` is clean before anyone writes to it
         try:
-            acc.save_state(str(partial))
-        except Exception as e:
-            error = e
-        self._settle(error, final, step, give_back)
-        if acc.is_main_process:
             try:
-                state.write(partial)
-                _replace_dir(partial, final)
+                acc.save_state(str(partial))
             except Exception as e:
                 error = e
-        self._settle(error, final, step, give_back)
+            self._settle(error, final, step, give_back)
+            if acc.is_main_process:
+                try:
+                    state.write(partial)
+                    _replace_dir(partial, final)
+                except Exception as e:
+                    error = e
+            self._settle(error, final, step, give_back)
+        except KeyboardInterrupt:  # Ctrl-C: the half-written folder goes (SIGKILL leaves it to `remove_stale`)
+            if acc.is_main_process:
+                give_back()
+            raise
         if acc.is_main_process:
             logger.info("saved training state %s (step %d)", final, step)
         self.last_state = final
@@ -400,13 +459,27 @@ def _weights_only_refuses(path: Path) -> bool:
     return False
 
 
-def load_state(accelerator: Any, folder: str | Path, *, num_processes: int) -> TrainState:
+def load_state(accelerator: Any, folder: str | Path, *, num_processes: int,
+               model: torch.nn.Module | None = None, optimizer: Any = None) -> TrainState:
     """Restore accelerate's checkpoint from `folder` and return its counters (collective).
 
-    Every pickle in the folder is loaded weights-only; one that needs arbitrary Python objects is
-    refused with a `ConfigError` naming the file."""
+    The folder is checked first (`check_state_folder`), and its adapter weights against `model` (the
+    unwrapped module accelerate checkpoints), so that a state of another adapter is reported by the
+    option that differs; so is one of another `optimizer` type (by its settings). Every pickle in the
+    folder is loaded weights-only; one that needs arbitrary Python objects is refused with a `ConfigError`
+    naming the file."""
+    from lycoft.io.safe_io import read_safetensors_header
+
     folder = Path(folder)
     state = TrainState.read(folder)
+    check_state_folder(folder)
+    if model is not None and (folder / "model.safetensors").is_file():
+        header, _ = read_safetensors_header(folder / "model.safetensors")
+        differs = adapter_mismatch({k: tuple(v.shape) for k, v in header.items()},
+                                   {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        if differs:
+            raise ConfigError(f"--resume {folder} was saved for another adapter: {differs}; resume with the "
+                              "--network_args and model of the run that saved it, or start a new run")
     if state.num_processes != num_processes:
         logger.warning("--resume %s was saved by %d processes, this run has %d: the data order of the "
                        "remaining steps differs from an uninterrupted run", folder, state.num_processes,
@@ -420,6 +493,7 @@ def load_state(accelerator: Any, folder: str | Path, *, num_processes: int) -> T
     sinks = [_Discard() for f in os.listdir(folder) if _OLD_SCHEDULER_FILE.fullmatch(f)]
     if sinks:
         accelerator.register_for_checkpointing(*sinks)
+    settings = None if optimizer is None else _group_settings(optimizer)
     with weights_only_loads():
         try:
             accelerator.load_state(str(folder))
@@ -428,11 +502,71 @@ def load_state(accelerator: Any, folder: str | Path, *, num_processes: int) -> T
                         if f.suffix in (".bin", ".pkl") and f.is_file() and _weights_only_refuses(f)), None)
             raise _refused(folder, bad) from None
         except (RuntimeError, KeyError, ValueError) as e:
-            raise ConfigError(f"--resume {folder} does not fit this run's adapter or optimizer ({e}); resume "
-                              "with the same --network_args, --optimizer_type and model") from None
+            raise ConfigError(f"--resume {folder} does not fit this run's adapter or optimizer "
+                              f"({first_line(e)}); resume with the same --network_args, --optimizer_type and "
+                              "model") from None
         finally:
             registered = getattr(accelerator, "_custom_objects", [])
             for sink in sinks:  # later saves must not write them (a private list: accelerate has no API)
                 with contextlib.suppress(ValueError):
                     registered.remove(sink)
+    saved = settings if optimizer is None else _group_settings(optimizer)
+    if settings is not None and saved - settings and settings - saved:  # (one-sided: another torch version)
+        name = type(getattr(optimizer, "optimizer", optimizer)).__name__
+        raise ConfigError(f"--resume {folder} was saved with another optimizer (with settings "
+                          f"{', '.join(sorted(saved - settings))}, which {name} does not have); resume with the "
+                          "--optimizer_type of the run that saved it")
     return state
+
+
+def _group_settings(optimizer: Any) -> set[str]:
+    """The names of an optimizer's per-group settings (``lr``, ``betas`` ...): they tell optimizer types apart.
+    ``initial_lr`` is the LR schedule's, present or not depending on when the groups were read."""
+    return {k for g in optimizer.param_groups for k in g if k not in ("params", "initial_lr")}
+
+
+def adapter_mismatch(saved: Mapping[str, tuple[int, ...]], current: Mapping[str, tuple[int, ...]]) -> str | None:
+    """How the adapter parameters of a state (name -> shape) differ from this run's, in option terms; None
+    when they match. Parameters are ``<prefix>.<module key>.oft_blocks`` of shape ``(blocks, b, b)`` (oft)
+    or ``(stages, blocks, b, b)`` (boft), and ``.rescale`` when rescale is on."""
+    if dict(saved) == dict(current):
+        return None
+
+    def modules(params: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:
+        out: dict[str, dict[str, tuple[int, ...]]] = {}
+        for name, shape in params.items():
+            module, _, param = name.rpartition(".")
+            out.setdefault(module, {})[param] = shape
+        return out
+
+    old, new = modules(saved), modules(current)
+    for key in sorted(old.keys() & new.keys()):
+        a, b = old[key], new[key]
+        short = key.rpartition(".")[2]
+        if ("rescale" in a) != ("rescale" in b):
+            return f"rescale is {_on('rescale' in a)} in the state and {_on('rescale' in b)} here"
+        blocks_a, blocks_b = a.get("oft_blocks"), b.get("oft_blocks")
+        if blocks_a is None or blocks_b is None or blocks_a == blocks_b:
+            continue
+        algo = {3: "oft", 4: "boft"}
+        if len(blocks_a) != len(blocks_b):
+            return f"algo is {algo.get(len(blocks_a), '?')} in the state and {algo.get(len(blocks_b), '?')} here"
+        if blocks_a[-1] != blocks_b[-1]:
+            return f"block_size is {blocks_a[-1]} in the state and {blocks_b[-1]} here (layer {short})"
+        if blocks_a[-3] != blocks_b[-3]:
+            return (f"layer {short} is {blocks_a[-3] * blocks_a[-1]} channels wide in the state and "
+                    f"{blocks_b[-3] * blocks_b[-1]} here: it was saved for another model or family")
+        if len(blocks_a) == 4 and blocks_a[0] != blocks_b[0]:
+            return f"butterfly_factors is {blocks_a[0]} in the state and {blocks_b[0]} here (layer {short})"
+        return f"layer {short} has blocks {blocks_a} in the state and {blocks_b} here"
+    only_old, only_new = len(old.keys() - new.keys()), len(new.keys() - old.keys())
+    if only_old + only_new:
+        other = ("another model or family" if len(old.keys() & new.keys()) < min(len(old), len(new)) / 2
+                 else "another preset, include/exclude, conv_block_size or --network_train_*_only")
+        return (f"it adapts {len(old)} layers and this run {len(new)} ({only_old} only in the state, {only_new} only "
+                f"here): it was made with {other}")
+    return "its parameters differ from this run's"
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"

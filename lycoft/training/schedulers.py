@@ -115,10 +115,10 @@ def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total
         # It only reports the rate Adafactor computes (for logs): nothing to rebuild at a step. It reads the
         # optimizer's own state, so it gets the optimizer itself, not accelerate's wrapper.
         return AdafactorSchedule(getattr(optimizer, "optimizer", optimizer), initial_lr=cfg.learning_rate)
-    if step:
-        # torch's schedulers start from each group's `initial_lr` when created at a later step
-        for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["initial_lr"] = lr
+    # torch's schedulers start from each group's `initial_lr` if it has one, which a resumed optimizer state
+    # brings along (even at step 0): this run's rates must win over those of the run that saved it
+    for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["initial_lr"] = lr
     extra = cfg.lr_scheduler_kwargs()
     if found is None:  # schedule-free: the optimizer's own warm-up (optimizer_args warmup_steps=N) is its schedule
         from diffusers.optimization import get_constant_schedule

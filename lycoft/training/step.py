@@ -5,7 +5,8 @@ batches (`EpochBatches`); each optimizer step takes `gradient_accumulation_steps
 
 1. `accumulate`, per micro-batch: seed its draws, `micro_batch_loss` (latents, noise, timesteps, the
    adapted UNet's prediction, the loss), then backward; a non-finite loss stops the run or skips the step;
-2. `optimizer_step`: check the gradients, clip, step the optimizer and the LR schedule, count the step;
+2. `optimizer_step`: check the gradients, clip, step the optimizer (keeping the state before the step in
+   memory, `rollback.StepUndo`) and the LR schedule, check the adapter stayed finite, count the step;
 3. `after_step`: progress and tracker logs, `validate_due` (the held-out loss), the epoch's end, `save` and
    `sample` at their intervals.
 
@@ -39,6 +40,7 @@ from lycoft.training.fp8_base import compute_dtype
 from lycoft.training.models import Models
 from lycoft.training.noise import perturb_input_noise, sample_noise, sample_timesteps, validation_timesteps
 from lycoft.training.optimizers import evaluation_point
+from lycoft.training.rollback import StepUndo, all_finite, optimizer_tensors
 from lycoft.training.sampler import derive_seed
 from lycoft.training.sampling import SamplePrompt, render, save_images
 from lycoft.training.saving import Saver, TrainState, adapter_stem
@@ -47,7 +49,8 @@ logger = logging.getLogger("lycoft.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the state before that step was saved (see the message)."""
+    """The loss, the gradients or the adapter became NaN/inf; the message names the usable state saved
+    (or says there is none)."""
 
 
 class EpochBatches:
@@ -153,9 +156,11 @@ class Run:
     last_sample_step: int | None = None  # the step the last samples were rendered at
     validation_losses: list[tuple[int, str, float]] = field(default_factory=list)  # (step, "step"/"epoch", loss)
     params: list[torch.Tensor] = field(init=False)
+    undo: StepUndo = field(init=False)  # the state before the last optimizer step
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.undo = StepUndo(self.optimizer, self.params)
 
     @property
     def main(self) -> bool:
@@ -247,7 +252,7 @@ def accumulate(run: Run, batch: dict[str, Any], micro: int, in_step: int) -> flo
             logger.warning("non-finite loss at step %d (epoch %d); step skipped (%d so far)",
                            state.global_step + 1, state.epoch + 1, state.nonfinite_skipped)
             return None
-        raise stop_nonfinite(run, f"the loss is {float(loss.detach())}", "use --mixed_precision bf16 or no")
+        raise stop_nonfinite_loss(run, float(loss.detach()), batch)
 
 
 def micro_batch_loss(run: Run, batch: dict[str, Any], generator: torch.Generator,
@@ -310,13 +315,25 @@ def optimizer_step(run: Run, step_loss: float, skipped: bool) -> bool:
                            state.global_step + 1, state.epoch + 1, state.nonfinite_skipped)
         else:
             optimizer.zero_grad(set_to_none=True)
-            raise stop_nonfinite(run, f"the gradient is NaN or inf (the loss {step_loss:.4g} is finite)",
-                                 "set --max_grad_norm")
+            raise stop_nonfinite(run, f"the gradient is NaN or inf (the loss {step_loss:.4g} is finite)")
     run.learning_rates.append(tuple(g["lr"] for g in optimizer.param_groups))
     if not skipped:
         if cfg.max_grad_norm:
             run.accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        run.undo.keep(state)
         optimizer.step()
+        # An update can overflow the parameters (or the optimizer's moments) even from finite gradients;
+        # a save after it would offer a poisoned state, so the step is undone here.
+        if not all_finite([*run.params, *optimizer_tensors(optimizer, run.params)]):
+            optimizer.zero_grad(set_to_none=True)
+            if not cfg.skip_nonfinite:
+                raise stop_nonfinite(run, "the adapter's parameters or optimizer state became NaN or inf in the update",
+                                     roll_back=True)
+            run.undo.restore()
+            skipped = True
+            state.nonfinite_skipped += 1
+            logger.warning("the update at step %d (epoch %d) made the adapter NaN or inf; step undone (%d so far)",
+                           state.global_step + 1, state.epoch + 1, state.nonfinite_skipped)
     run.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state.global_step += 1
@@ -383,16 +400,64 @@ def save(run: Run, stem: str, with_state: bool) -> None:
         run.accelerator.log(tracking.module_logs(run.network), step=run.state.global_step)
 
 
-def stop_nonfinite(run: Run, what: str, remedy: str) -> NonFiniteLossError:
-    """Save the state from before this step and say where it is (the error to raise)."""
+_REMEDY = ("Lower --learning_rate, set --max_grad_norm, use --mixed_precision bf16 or no, or pass --skip_nonfinite "
+           "to skip such steps")
+
+
+def stop_nonfinite_loss(run: Run, loss: float, batch: dict[str, Any]) -> NonFiniteLossError:
+    """The error for a non-finite loss at the coming step, with a usable state saved (see `stop_nonfinite`).
+
+    The batch decides which state that is: NaN latents (a damaged cache file, an fp16 VAE overflow) are
+    not the adapter's fault, so the current state is fine; otherwise the adapter's last update gave
+    parameters whose forward pass is not finite, and the state before that update is the one to offer."""
+    here, everywhere = _latents_finite(run, batch)
+    if not everywhere:
+        paths = ", ".join(str(p) for p in batch.get("image_path", [])[:2]) or "its images"
+        which = "a batch of another process" if here else f"the batch of {paths}"
+        return stop_nonfinite(run, f"the latents of {which} are NaN or inf, so the loss is {loss}",
+                              "Delete that image's latent cache file or re-save the image, use --no_half_vae, or "
+                              "pass --skip_nonfinite to skip such steps")
+    if run.undo.counters is None:  # no update in this process yet: its starting state is all there is
+        return stop_nonfinite(run, f"the loss is {loss}", _REMEDY)
+    return stop_nonfinite(run, f"the adapter diverged: the loss is {loss} at step {run.state.global_step + 1}, "
+                               "after the update", _REMEDY, roll_back=True)
+
+
+def stop_nonfinite(run: Run, what: str, remedy: str = _REMEDY, *, roll_back: bool = False) -> NonFiniteLossError:
+    """Save a usable state and say where it is (the error to raise), or say that there is none.
+
+    `roll_back`: the adapter's last update is to blame (NaN/inf parameters, or a forward pass that is no
+    longer finite), so the state before it (`rollback.StepUndo`) is restored and saved: it gave a finite
+    loss and gradients, so its next step can succeed at a sane learning rate. Otherwise the current state
+    is saved. Either way it is checked to be finite first."""
     state = run.state
+    if roll_back:
+        run.undo.restore(state)
+    what = f"{what} at step {state.global_step + 1} (epoch {state.epoch + 1}); training stopped."
+    if not all_finite([*run.params, *optimizer_tensors(run.optimizer, run.params)]):
+        started = f" (from --resume {run.cfg.resume})" if run.cfg.resume else ""
+        return NonFiniteLossError(
+            f"{what} No usable state to resume from: the adapter's parameters or optimizer state were already NaN "
+            f"or inf when this run started{started}. Start over, or resume from an older state, with a lower "
+            "--learning_rate")
     stem = adapter_stem(run.cfg.output_name, step=state.global_step)
     save(run, stem, with_state=True)
     where = run.output_dir / f"{stem}-state"
-    return NonFiniteLossError(
-        f"{what} at step {state.global_step + 1} (epoch {state.epoch + 1}); training stopped. The state "
-        f"before this step is in {where} (resume with --resume {where}). Lower --learning_rate, {remedy}, "
-        "or pass --skip_nonfinite to skip such steps")
+    return NonFiniteLossError(f"{what} The state before this step is in {where} (resume with --resume {where}). "
+                              f"{remedy}")
+
+
+def _latents_finite(run: Run, batch: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether this micro-batch's latents are finite (cached ones as read, or encoded again from the
+    pixels) here and on every process: every rank takes the same branch of the stop that follows."""
+    models, device = run.models, run.accelerator.device
+    with torch.no_grad():
+        if "latents" in batch:
+            latents = batch["latents"]
+        else:
+            latents = models.vae.encode(batch["pixel_values"].to(device, models.vae_dtype)).latent_dist.mean
+        ok = torch.isfinite(latents.float()).all().reshape(1).to(device, torch.float32)
+    return bool(ok.item() > 0), bool(run.accelerator.gather(ok).min() > 0)
 
 
 def sample(run: Run, tag: str) -> None:
