@@ -171,9 +171,11 @@ class OFTLayer(nn.Module):
 
         `ops.merged_weight` with this layer's rotation (`R`: one already built at the layer's strength).
         """
+        m = self.multiplier if multiplier is None else multiplier
         if R is None:
-            R = self.rotation(multiplier)
-        return ops.merged_weight(self.base.weight, self.oft_blocks, side=self.side, rescale=self.rescale, rotation=R)
+            R = self.rotation(m)
+        return ops.merged_weight(self.base.weight, self.oft_blocks, side=self.side, rescale=self.rescale,
+                                 rotation=R, multiplier=m)
 
     def delta_weight(self, multiplier: float | None = None) -> Tensor:
         """`W' - W` in float32 (for full-difference exports)."""
