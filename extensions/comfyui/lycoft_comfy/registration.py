@@ -1,0 +1,75 @@
+"""Hooking lycoft into ComfyUI's LoRA loading path (done once, when ComfyUI imports this package).
+
+1. `comfy.weight_adapter.adapters`: ComfyUI's OFT and BOFT adapters are replaced, in place, by
+   `LycoftOFTAdapter`, which reads every OFT layout (and hands back ComfyUI's own adapters when the
+   "Load OFT (lycoft)" node asks for the stock formula). LoRA, LoHa, LoKr and GLoRA adapters stay first.
+2. `comfy.lora.load_lora`: before ComfyUI matches a file's layers, the key map gains the OFT spellings it
+   lacks (`keys.oft_aliases`); for a file without OFT layers the key map is passed on unchanged.
+3. `comfy.utils.load_torch_file`: the tensors of a file with OFT layers carry the file's metadata
+   (`state.TensorsWithMetadata`), which says how PEFT-style layers were parametrised; other files are
+   returned as ComfyUI read them.
+All three are looked up by ComfyUI at call time, so loaders and nodes need no change.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import comfy.lora
+import comfy.utils
+import comfy.weight_adapter as weight_adapter
+
+from lycoft.formats.patches import layer_prefixes
+
+from .adapter import LycoftOFTAdapter
+from .keys import oft_aliases
+from .state import TensorsWithMetadata, safetensors_metadata, stock_formula
+
+log = logging.getLogger("lycoft")
+_MARK = "_lycoft_wrapped"
+
+
+def install() -> None:
+    """Register lycoft with ComfyUI (idempotent)."""
+    adapters = weight_adapter.adapters
+    stock = (weight_adapter.OFTAdapter, weight_adapter.BOFTAdapter)
+    kept = [a for a in adapters if a not in stock and a is not LycoftOFTAdapter]
+    adapters[:] = [*kept, LycoftOFTAdapter]
+    if not getattr(comfy.lora.load_lora, _MARK, False):
+        comfy.lora.load_lora = _with_oft_keys(comfy.lora.load_lora)
+    if not getattr(comfy.utils.load_torch_file, _MARK, False):
+        comfy.utils.load_torch_file = _with_metadata(comfy.utils.load_torch_file)
+
+
+def _mark(f: Callable) -> Callable:
+    setattr(f, _MARK, True)
+    return f
+
+
+def _with_oft_keys(load_lora: Callable[..., dict]) -> Callable[..., dict]:
+    @functools.wraps(load_lora)
+    def wrapper(lora: dict, to_load: dict, *args: Any, **kwargs: Any) -> dict:
+        if not stock_formula():
+            extra = oft_aliases(lora.keys(), to_load)
+            if extra:
+                to_load = {**to_load, **extra}
+        return load_lora(lora, to_load, *args, **kwargs)
+
+    return _mark(wrapper)
+
+
+def _with_metadata(load_torch_file: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(load_torch_file)
+    def wrapper(ckpt: str, *args: Any, **kwargs: Any) -> Any:
+        out = load_torch_file(ckpt, *args, **kwargs)
+        sd, metadata = out if isinstance(out, tuple) else (out, None)
+        if type(sd) is not dict or not layer_prefixes(sd.keys()):
+            return out
+        tagged = TensorsWithMetadata(sd, metadata if metadata is not None else safetensors_metadata(ckpt),
+                                     str(ckpt))
+        return (tagged, metadata) if isinstance(out, tuple) else tagged
+
+    return _mark(wrapper)
