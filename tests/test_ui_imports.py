@@ -15,7 +15,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 UI_MODULES = ["lycoft.formats", "lycoft.formats.lycoris", "lycoft.formats.peft", "lycoft.formats.patches",
-              "lycoft.ops", "lycoft.io", "lycoft.config"]
+              "lycoft.ops", "lycoft.io", "lycoft.config", "lycoft.ui.keys", "lycoft.ui.state",
+              "lycoft.ui.comfy_adapter"]
 BLOCKED = ["diffusers", "transformers", "accelerate", "toml", "PIL", "tqdm", "numpy"]
 
 

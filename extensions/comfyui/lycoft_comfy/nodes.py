@@ -17,7 +17,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from .state import formula as use_formula
+from lycoft.ui.state import formula as use_formula
 
 log = logging.getLogger("lycoft")
 

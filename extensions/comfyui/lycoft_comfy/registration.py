@@ -6,8 +6,8 @@
 2. `comfy.lora.load_lora`: before ComfyUI matches a file's layers, the key map gains the OFT spellings it
    lacks (`keys.oft_aliases`); for a file without OFT layers the key map is passed on unchanged.
 3. `comfy.utils.load_torch_file`: the tensors of a file with OFT layers carry the file's metadata
-   (`state.TensorsWithMetadata`), which says how PEFT-style layers were parametrised; other files are
-   returned as ComfyUI read them.
+   (`lycoft.ui.state.TensorsWithMetadata`), which says how PEFT-style layers were parametrised; other files
+   are returned as ComfyUI read them.
 All three are looked up by ComfyUI at call time, so loaders and nodes need no change.
 """
 
@@ -22,11 +22,10 @@ import comfy.lora
 import comfy.utils
 import comfy.weight_adapter as weight_adapter
 
-from lycoft.formats.patches import layer_prefixes
+from lycoft.ui.keys import oft_aliases
+from lycoft.ui.state import stock_formula, with_metadata
 
-from .adapter import LycoftOFTAdapter
-from .keys import oft_aliases
-from .state import TensorsWithMetadata, safetensors_metadata, stock_formula
+from .adapter import STOCK, LycoftOFTAdapter
 
 log = logging.getLogger("lycoft")
 _MARK = "_lycoft_wrapped"
@@ -35,8 +34,7 @@ _MARK = "_lycoft_wrapped"
 def install() -> None:
     """Register lycoft with ComfyUI (idempotent)."""
     adapters = weight_adapter.adapters
-    stock = (weight_adapter.OFTAdapter, weight_adapter.BOFTAdapter)
-    kept = [a for a in adapters if a not in stock and a is not LycoftOFTAdapter]
+    kept = [a for a in adapters if a not in STOCK and a is not LycoftOFTAdapter]
     adapters[:] = [*kept, LycoftOFTAdapter]
     if not getattr(comfy.lora.load_lora, _MARK, False):
         comfy.lora.load_lora = _with_oft_keys(comfy.lora.load_lora)
@@ -65,11 +63,8 @@ def _with_metadata(load_torch_file: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(load_torch_file)
     def wrapper(ckpt: str, *args: Any, **kwargs: Any) -> Any:
         out = load_torch_file(ckpt, *args, **kwargs)
-        sd, metadata = out if isinstance(out, tuple) else (out, None)
-        if type(sd) is not dict or not layer_prefixes(sd.keys()):
-            return out
-        tagged = TensorsWithMetadata(sd, metadata if metadata is not None else safetensors_metadata(ckpt),
-                                     str(ckpt))
-        return (tagged, metadata) if isinstance(out, tuple) else tagged
+        if isinstance(out, tuple):
+            return (with_metadata(out[0], ckpt, out[1]), *out[1:])
+        return with_metadata(out, ckpt)
 
     return _mark(wrapper)

@@ -1,8 +1,9 @@
-"""What the adapter needs to know beyond one layer's tensors: the file's metadata, and the formula chosen.
+"""What a UI's adapter needs beyond one layer's tensors: the file's metadata, and the formula chosen.
 
-ComfyUI hands adapters the file's tensors only. The file's safetensors metadata (PEFT config, kohya network
-args, lycoft's keys) is attached to the tensor dict when ComfyUI reads an OFT file
-(`TensorsWithMetadata`), and the "Load OFT (lycoft)" node sets the formula for the loads it makes.
+The UIs hand their LoRA loaders a file's tensors only. Its safetensors metadata (PEFT config, kohya network
+module, lycoft's keys) says how PEFT-style layers were parametrised, so the extensions attach it to the
+tensor dict when the UI reads an OFT file (`TensorsWithMetadata`). ComfyUI's "Load OFT (lycoft)" node
+chooses the formula for the loads it makes (`formula`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import contextvars
 import logging
 from collections.abc import Iterator, Mapping
 
-from lycoft.io.safe_io import read_safetensors_header
+from ..formats.patches import layer_prefixes
+from ..io.safe_io import read_safetensors_header
 
 log = logging.getLogger("lycoft")
 
@@ -38,6 +40,14 @@ def metadata_of(tensors: Mapping) -> dict[str, str]:
 
 def source_of(tensors: Mapping) -> str:
     return getattr(tensors, "source", None) or "adapter"
+
+
+def with_metadata(tensors: object, path: str, metadata: Mapping[str, str] | None = None) -> object:
+    """`tensors` as `TensorsWithMetadata` when it is a plain dict holding an OFT layer (other files, and
+    anything that is not a plain dict, are returned as they are). `metadata` is read from `path` if not given."""
+    if type(tensors) is not dict or not layer_prefixes(tensors.keys()):
+        return tensors
+    return TensorsWithMetadata(tensors, metadata if metadata is not None else safetensors_metadata(path), str(path))
 
 
 def safetensors_metadata(path: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
-"""The layer names ComfyUI's key maps lack, for OFT files only.
+"""The layer names the ComfyUI-family key maps lack, for OFT files only.
 
-ComfyUI maps a file's layer prefixes to model weights in `comfy.lora.model_lora_keys_unet/clip`. OFT files
-in the wild also use these spellings, derived here from the entries ComfyUI already has:
+ComfyUI (`comfy.lora.model_lora_keys_unet/clip`), Forge (`backend.patcher.lora`) and reForge
+(`ldm_patched.modules.lora`) map a file's layer prefixes to model weights with the same spellings. OFT files
+in the wild also use these, derived here from the entries the key map already has:
 - kohya legacy ``oft_unet_<name>`` / ``oft_te_<name>`` (= ``lora_unet_<name>`` / ``lora_te_<name>``);
 - PEFT and diffusers ``<diffusers path>``, ``unet.<path>`` and ``base_model.model.<path>`` for attention
   layers too (ComfyUI knows them only with ``.processor.``);
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from lycoft.formats.patches import layer_prefixes
+from ..formats.patches import layer_prefixes
 
 _TE1 = "text_encoder.text_model."
 _TE2 = "text_encoder_2.text_model."
