@@ -16,8 +16,6 @@ Tests skip, naming the reason, when PyPI cannot be reached.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
 import os
 import shutil
 import subprocess
@@ -28,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from stand_ins import stand_ins
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("LYCOFT_COMFYUI_CACHE", REPO / ".cache" / "comfyui"))
@@ -85,39 +84,6 @@ def comfyui_root() -> Path:
     return root
 
 
-class _Dummy:
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __call__(self, *args: object, **kwargs: object) -> _Dummy:
-        return _Dummy()
-
-    def __getattr__(self, name: str) -> _Dummy:
-        return _Dummy()
-
-
-class _StandIn(types.ModuleType):
-    def __getattr__(self, name: str) -> type:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Dummy
-
-
-class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in STAND_INS or name in EMPTY:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name) if spec.name in EMPTY else _StandIn(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
 def import_comfyui() -> types.SimpleNamespace:
     """Import ComfyUI 0.30 (CPU mode) and return its modules by short name (``comfy_sd``, ``nodes`` ...)."""
     root = comfyui_root()
@@ -126,16 +92,9 @@ def import_comfyui() -> types.SimpleNamespace:
     for p in (str(root), str(CACHE / "site")):
         if p not in sys.path:
             sys.path.insert(0, p)
-    finder = _StandIns()
-    sys.meta_path.insert(0, finder)
-    try:
+    with stand_ins(STAND_INS, EMPTY):
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
         mods = {m: importlib.import_module(m) for m in MODULES}
-    finally:
-        sys.meta_path.remove(finder)
-        for name in list(sys.modules):
-            if name.split(".")[0] in STAND_INS + EMPTY:
-                del sys.modules[name]
     return types.SimpleNamespace(root=root, **{m.replace(".", "_"): v for m, v in mods.items()})

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from comfyui_env import import_comfyui
 from safetensors.torch import load_file, save_file
-from tiny_files import rel, write_adapter, write_base
+from tiny_files import rel
+from ui_files import STRENGTHS, checkpoint, mixed_adapter
 
-import lycoft
 from lycoft.checkpoints.bundled import load_component_config
 from lycoft.formats.lycoris import read_adapter
 from lycoft.merge import AdapterArg, apply_spec, merge_adapters
@@ -40,7 +40,6 @@ from lycoft.merge import AdapterArg, apply_spec, merge_adapters
 REPO = Path(__file__).resolve().parents[1]
 EXTENSION = REPO / "extensions" / "comfyui" / "lycoft_comfy"
 FAMILIES = ("sd1", "sdxl")
-STRENGTHS = (0.5, 1.0, 1.5, -1.0)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative error (Frobenius, per layer). float32: against tools/merge.py's file, to the merge's own precision
 # (docs/spec.md, "Exactness"). fp16 / bf16: ComfyUI holds the weights in that dtype, so the reference is lycoft's
@@ -49,9 +48,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # interpolated rotation at strength 1.5 is not orthogonal and amplifies it) plus 2 roundings of the output.
 FP32_TOL = 1e-5
 PATCH_ROUNDINGS, BYPASS_ROUNDINGS, BYPASS_BASE = 1.0, 2.0, 3.0
-OFT_PART = lycoft.AdapterConfig(block_size=4, rescale=True, constraint=1e-3)
-BOFT_PART = lycoft.AdapterConfig(algo="boft", block_size=4, rescale=True)
-OFT_LAYERS = r"attn|proj_in|proj_out|ff_net|self_attn|mlp"
 
 
 # ------------------------------------------------------------------------------------------ ComfyUI
@@ -189,19 +185,14 @@ def files(comfy, tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy-files")
     out = {}
     for family in FAMILIES:
-        ckpt = write_base(family, "single-file", root / f"{family}.safetensors")
-        oft = write_adapter(family, OFT_PART, root / f"{family}-oft.safetensors", seed=1, include=None,
-                            preset="attn-mlp")
-        boft = write_adapter(family, BOFT_PART, root / f"{family}-boft.safetensors", seed=2, exclude=OFT_LAYERS)
-        tensors = {**load_file(oft), **load_file(boft)}
+        ckpt = checkpoint(family, root)
         name = f"lycoft-{family}.safetensors"
-        save_file(tensors, comfy.loras / name, metadata={**read_adapter(str(oft))[1], "lycoft.algo": "oft,boft"})
+        _, layers = mixed_adapter(family, root, comfy.loras / name)
         merged = {}
         for s in STRENGTHS:
             dst = root / f"{family}-merged-{s}.safetensors"
             merge_adapters(str(ckpt), [AdapterArg(str(comfy.loras / name), s)], str(dst))
             merged[s] = dst
-        layers = len({k.rsplit(".", 1)[0] for k in tensors})
         out[family] = {"ckpt": ckpt, "lora": name, "merged": merged, "layers": layers}
     return out
 
@@ -374,13 +365,24 @@ def _lora_file(comfy, family, model, clip):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stock_lora_file_loads_exactly_as_without_the_extension(comfy, files, family):
+    """A LoRA file gets the same patches (ComfyUI's own LoRA adapter on the same layers, same tensors) and the
+    same weights with the extension as without (up to the last bit of float32 matrix products, whose
+    summation order may follow memory alignment)."""
     model, clip = model_for(comfy, files, family, "fp32")
     name = _lora_file(comfy, family, model, clip)
-    with_ext = patched_weights(*comfy.nodes.LoraLoader().load_lora(model, clip, name, 0.7, 0.7))
+    m_ext, c_ext = comfy.nodes.LoraLoader().load_lora(model, clip, name, 0.7, 0.7)
     with comfy.stock():
-        without = patched_weights(*comfy.nodes.LoraLoader().load_lora(model, clip, name, 0.7, 0.7))
+        m_stock, c_stock = comfy.nodes.LoraLoader().load_lora(model, clip, name, 0.7, 0.7)
+    for ext, stock in ((m_ext, m_stock), (c_ext.patcher, c_stock.patcher)):
+        assert ext.patches.keys() == stock.patches.keys()
+        for key, patches in ext.patches.items():
+            a, b = patches[0][1], stock.patches[key][0][1]
+            assert type(a) is type(b) and type(a).__name__ == "LoRAAdapter"
+            same = (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a.weights, b.weights))
+            assert all(same), key
+    with_ext, without = patched_weights(m_ext, c_ext), patched_weights(m_stock, c_stock)
     assert with_ext.keys() == without.keys() and len(with_ext) > 100
-    assert all(torch.equal(with_ext[k], without[k]) for k in with_ext)
+    assert max(rel(with_ext[k], without[k]) for k in with_ext) <= 1e-7
 
 
 def test_load_oft_node_lycoft_and_stock_formulas(comfy, files):

@@ -14,9 +14,12 @@ Only prefixes that name an OFT layer of the file being loaded are added, so othe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from ..formats.patches import layer_prefixes
+from .state import stock_formula
 
 _TE1 = "text_encoder.text_model."
 _TE2 = "text_encoder_2.text_model."
@@ -57,3 +60,19 @@ def oft_aliases(file_keys: set[str] | list[str], key_map: Mapping[str, object]) 
             if alias in wanted and alias not in found:
                 found[alias] = target
     return found
+
+
+def with_oft_aliases(load_lora: Callable[..., Any]) -> Callable[..., Any]:
+    """A UI's ``load_lora(lora, to_load, ...)`` that first adds `oft_aliases` to the key map `to_load` (not
+    when a load asks for the stock formula; a file without OFT layers passes through unchanged)."""
+
+    @functools.wraps(load_lora)
+    def wrapper(lora: Mapping, to_load: Mapping[str, object], *args: Any, **kwargs: Any) -> Any:
+        if not stock_formula():
+            extra = oft_aliases(lora.keys(), to_load)
+            if extra:
+                to_load = {**to_load, **extra}
+        return load_lora(lora, to_load, *args, **kwargs)
+
+    wrapper.lycoft_wrapped = True
+    return wrapper

@@ -14,7 +14,6 @@ All three are looked up by ComfyUI at call time, so loaders and nodes need no ch
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,13 +21,10 @@ import comfy.lora
 import comfy.utils
 import comfy.weight_adapter as weight_adapter
 
-from lycoft.ui.keys import oft_aliases
-from lycoft.ui.state import stock_formula, with_metadata
+from lycoft.ui.keys import with_oft_aliases
+from lycoft.ui.state import with_metadata
 
 from .adapter import STOCK, LycoftOFTAdapter
-
-log = logging.getLogger("lycoft")
-_MARK = "_lycoft_wrapped"
 
 
 def install() -> None:
@@ -36,27 +32,10 @@ def install() -> None:
     adapters = weight_adapter.adapters
     kept = [a for a in adapters if a not in STOCK and a is not LycoftOFTAdapter]
     adapters[:] = [*kept, LycoftOFTAdapter]
-    if not getattr(comfy.lora.load_lora, _MARK, False):
-        comfy.lora.load_lora = _with_oft_keys(comfy.lora.load_lora)
-    if not getattr(comfy.utils.load_torch_file, _MARK, False):
+    if not getattr(comfy.lora.load_lora, "lycoft_wrapped", False):
+        comfy.lora.load_lora = with_oft_aliases(comfy.lora.load_lora)
+    if not getattr(comfy.utils.load_torch_file, "lycoft_wrapped", False):
         comfy.utils.load_torch_file = _with_metadata(comfy.utils.load_torch_file)
-
-
-def _mark(f: Callable) -> Callable:
-    setattr(f, _MARK, True)
-    return f
-
-
-def _with_oft_keys(load_lora: Callable[..., dict]) -> Callable[..., dict]:
-    @functools.wraps(load_lora)
-    def wrapper(lora: dict, to_load: dict, *args: Any, **kwargs: Any) -> dict:
-        if not stock_formula():
-            extra = oft_aliases(lora.keys(), to_load)
-            if extra:
-                to_load = {**to_load, **extra}
-        return load_lora(lora, to_load, *args, **kwargs)
-
-    return _mark(wrapper)
 
 
 def _with_metadata(load_torch_file: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,4 +46,5 @@ def _with_metadata(load_torch_file: Callable[..., Any]) -> Callable[..., Any]:
             return (with_metadata(out[0], ckpt, out[1]), *out[1:])
         return with_metadata(out, ckpt)
 
-    return _mark(wrapper)
+    wrapper.lycoft_wrapped = True
+    return wrapper
