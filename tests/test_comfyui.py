@@ -19,21 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import functools
 import gc
 import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from comfy_family import load_checkpoint
 from comfyui_env import import_comfyui
 from safetensors.torch import load_file, save_file
 from tiny_files import rel
 from ui_files import STRENGTHS, checkpoint, mixed_adapter
 
-from lycoft.checkpoints.bundled import load_component_config
 from lycoft.formats.lycoris import read_adapter
 from lycoft.merge import AdapterArg, apply_spec, merge_adapters
 
@@ -88,59 +88,14 @@ def comfy(tmp_path_factory):
     gc.collect()
 
 
-def _tiny_config(c, family):
-    """`model_config_from_unet_config` for the tiny checkpoints: ComfyUI's SD15 / SDXL config on the detected
-    (tiny) UNet config, with CLIP of the tiny widths."""
-    import comfy.supported_models_base as base
-
-    sm, sd1_clip, sdxl_clip = c.comfy_supported_models, c.comfy_sd1_clip, c.comfy_sdxl_clip
-
-    name = f"tiny-{family}"
-    te1 = load_component_config(name, "text_encoder")
-    if family == "sd1":
-        clip = functools.partial(sd1_clip.SD1ClipModel, clip_model=sd1_clip.SDClipModel, textmodel_json_config=te1)
-        target = base.ClipTarget(sd1_clip.SD1Tokenizer, clip)
-    else:
-        te2 = load_component_config(name, "text_encoder_2")
-
-        class TinySDXLClip(sdxl_clip.SDXLClipModel):
-            def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (ComfyUI's signature)
-                torch.nn.Module.__init__(self)
-                self.clip_l = sd1_clip.SDClipModel(layer="hidden", layer_idx=-1, device=device, dtype=dtype,
-                                                   layer_norm_hidden_state=False, textmodel_json_config=dict(te1),
-                                                   model_options=model_options)
-                self.clip_g = sd1_clip.SDClipModel(layer="hidden", layer_idx=-1, device=device, dtype=dtype,
-                                                   layer_norm_hidden_state=False, textmodel_json_config=dict(te2),
-                                                   model_options={**model_options, "model_name": "clip_g"})
-                self.dtypes = {dtype}
-
-        target = base.ClipTarget(sdxl_clip.SDXLTokenizer, TinySDXLClip)
-
-    def config(unet_config, state_dict, prefix):
-        model_config = (sm.SD15 if family == "sd1" else sm.SDXL)(unet_config)
-        model_config.clip_target = lambda state_dict={}: target  # noqa: B006
-        return model_config
-
-    return config
-
-
 def comfy_checkpoint(c, ckpt: Path, family: str, dtype: torch.dtype):
-    """(MODEL, CLIP) of a tiny checkpoint through `comfy.sd.load_state_dict_guess_config`."""
-    sd = c.utils.load_torch_file(str(ckpt))
-    for k in list(sd):  # ComfyUI's CLIP embeds 49408 tokens and projects to its own width
-        if k.endswith("token_embedding.weight") and sd[k].shape[0] < 49408:
-            sd[k] = torch.cat([sd[k], sd[k].new_zeros(49408 - sd[k].shape[0], sd[k].shape[1])])
-        if k.endswith("text_projection"):
-            del sd[k]
-    detection = c.comfy_model_detection
-    original = detection.model_config_from_unet_config
-    detection.model_config_from_unet_config = _tiny_config(c, family)
-    try:
-        model, clip, _, _ = c.comfy_sd.load_state_dict_guess_config(
-            sd, output_vae=False, model_options={"dtype": dtype}, te_model_options={"dtype": dtype})
-    finally:
-        detection.model_config_from_unet_config = original
-    return model, clip
+    """(MODEL, CLIP) of a tiny checkpoint through `comfy.sd.load_state_dict_guess_config` (`comfy_family`)."""
+    import comfy.supported_models_base
+
+    ns = SimpleNamespace(supported_models=c.comfy_supported_models, supported_models_base=comfy.supported_models_base,
+                         sd1_clip=c.comfy_sd1_clip, sdxl_clip=c.comfy_sdxl_clip, utils=c.utils, sd=c.comfy_sd,
+                         model_detection=c.comfy_model_detection)
+    return load_checkpoint(ns, ckpt, family, dtype)
 
 
 def comfy_names(c, model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
