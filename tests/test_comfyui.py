@@ -478,6 +478,27 @@ def test_peft_files_made_by_peft_equal_peft_merge(comfy, files, kind, caplog, tm
         worst = max(rel(got[to_ldm[path]], w) for path, w in peft_weights.items())
         print(f"ComfyUI 0.30 {name} (PEFT-made) s=1: {len(got)} layers, worst rel err against PEFT {worst:.1e}")
         assert worst <= FP32_TOL, name
+    # bypass: input rotations on the activations (Linear, 1x1 conv), the weight for wider kernels
+    from comfy.weight_adapter.bypass import BypassForwardHook
+    from comfy_extras.nodes_lora_debug import LoraLoaderBypass
+
+    m2, _ = LoraLoaderBypass().load_lora(model, clip, names[0], 1.0, 1.0)
+    m2.inject_model()
+    try:
+        g = torch.Generator().manual_seed(5)
+        worst = 0.0
+        for path, W in peft_weights.items():
+            module = _module(m2.model, to_ldm[path])
+            assert isinstance(module.forward.__self__, BypassForwardHook), path
+            x = torch.randn((3, W.shape[1]) if W.dim() == 2 else (2, W.shape[1], 5, 5), generator=g)
+            bias = None if module.bias is None else module.bias.float()
+            expected = F.linear(x, W, bias) if W.dim() == 2 else F.conv2d(
+                x, W, bias, module.stride, module.padding, module.dilation, module.groups)
+            worst = max(worst, rel(module(x), expected))
+    finally:
+        m2.eject_model()
+    print(f"ComfyUI 0.30 {names[0]} bypass s=1: worst rel err against PEFT {worst:.1e}")
+    assert worst <= FP32_TOL
 
 
 def _metadata(path):
