@@ -16,7 +16,7 @@ CONSUMER_NAMES = {
     "lycoft": "lycoft (lycoft.load, tools/merge.py)",
     "LyCORIS": "LyCORIS loader (lycoris-lora 4.x)",
     "ComfyUI": "ComfyUI LoraLoader (0.30)",
-    "A1111": "A1111 / Forge (>= 1.8)",
+    "A1111": "A1111 (>= 1.8; Forge and Forge Classic read no OFT file without extensions/sd-webui-lycoft)",
     "kohya-oft": "kohya sd-scripts networks.oft",
     "PEFT": "PEFT / diffusers PEFT loader",
 }

@@ -211,10 +211,11 @@ class OFTLayer(nn.Module):
 
         `ops.merged_weight` with this layer's rotation (`R`: one already built at the layer's strength).
         """
+        m = self.multiplier if multiplier is None else multiplier
         if R is None:
-            R = self.rotation(multiplier)
+            R = self.rotation(m)
         W = self.base_weight(dtype)
-        return ops.merged_weight(W, self.oft_blocks, side=self.side, rescale=self.rescale, rotation=R)
+        return ops.merged_weight(W, self.oft_blocks, side=self.side, rescale=self.rescale, rotation=R, multiplier=m)
 
     def delta_weight(self, multiplier: float | None = None) -> Tensor:
         """`W' - W` in float32 (for full-difference exports)."""

@@ -117,8 +117,8 @@ def save_network(net: nn.Module, path: str, metadata: Mapping[str, str] | None =
     for k, v in (metadata or {}).items():
         md[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
     if any(layer.rescale is not None and not layer.is_boft for layer in net.adapters.values()):
-        log.warning("lycoft: this oft file has rescale, which ComfyUI ignores for oft; ComfyUI users should get a "
-                    "full-difference export (tools/convert.py --to diff)")
+        log.warning("lycoft: this oft file has rescale, which stock ComfyUI and reForge ignore for oft; their users "
+                    "need the lycoft extension (extensions/) or a full-difference export (tools/convert.py --to diff)")
     save_safetensors_atomic(network_tensors(net, dtype), path, md)
 
 

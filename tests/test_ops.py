@@ -228,6 +228,26 @@ def test_merged_weight_keeps_the_weight_dtype_and_strength_zero_is_the_base_exac
         assert torch.equal(merged_weight(W.float(), B, multiplier=0.0, constraint=1e-3), W.float())
 
 
+@pytest.mark.parametrize("algo", ["oft", "boft"])
+def test_strength_zero_is_the_base_layer_exactly_with_rescale(algo):
+    """Strength 0 leaves a rescaled layer untouched in every path: the pure merge, the layer's merged
+    weight and its forward (which runs the plain layer at 0) all give the base, not `rescale * W`."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(16, 32)
+    layer = randomise(lycoft.wrap(module, lycoft.AdapterConfig(algo=algo, block_size=4, rescale=True)))
+    W = module.weight.detach()
+    assert torch.equal(merged_weight(W, layer.oft_blocks, rescale=layer.rescale, multiplier=0.0), W)
+    assert torch.equal(merged_weight(W, layer.oft_blocks, rescale=layer.rescale, multiplier=0.0,
+                                     rotation=layer.rotation(0.0)), W)
+    layer.multiplier = 0.0
+    assert torch.equal(layer.merged_weight(), W)
+    x = torch.randn(3, 16)
+    assert torch.equal(layer(x), module(x))
+    layer.multiplier = 1e-4  # just off zero the rescale applies in full: strength scales the rotation only
+    near = layer.merged_weight().detach()
+    assert float((near - layer.rescale.detach() * W).norm() / W.norm()) <= 1e-3
+
+
 @pytest.mark.parametrize("side", ["output", "input"])
 @pytest.mark.parametrize("cfg", [dict(block_size=4), dict(block_size=4, constraint=1e-3, rescale=True),
                                  dict(algo="boft", block_size=4), dict(algo="boft", block_size=2, rescale=True,

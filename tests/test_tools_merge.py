@@ -296,3 +296,15 @@ def test_cli(tmp_path, files, capsys):
     assert "merged 2 adapter(s) into sdxl single-file" in text and "verify: 8 layers" in text
     assert merge.main(["--base", str(f["single-file"]), "--adapter", str(f["a"]), "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_strength_zero_writes_the_base_weights_exactly(tmp_path, files):
+    """`--adapter file:0` leaves every weight as it was, rescaled BOFT included (the layer at strength 0 is
+    the plain layer)."""
+    f = files("sd1")
+    out = tmp_path / "zero.safetensors"
+    merge_adapters(f["single-file"], [AdapterArg(str(f["b"]), 0.0)], out)
+    before, _ = read_safetensors(f["single-file"])
+    after, _ = read_safetensors(out)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -272,6 +272,19 @@ def _split_config(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def peft_config_for(key: str, metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The PEFT config that a file's ``lora_adapter_metadata`` gives the layer `key` (pipeline files pack one
+    config per model, prefixed like their keys), or None when the file carries none."""
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        configs = _split_config(json.loads(metadata[METADATA_KEY]))
+    except (ValueError, AttributeError):
+        return None
+    component = next((c for p, c in COMPONENT_PREFIXES.items() if key.startswith(p)), "*")
+    return configs.get(component, configs.get("*"))
+
+
 def read_peft(path: str | os.PathLike[str], component: str | None = None, config: str | None = None
               ) -> PeftAdapter:
     """Read a PEFT OFT/BOFT adapter (file, or PeftModel folder). `component` names the model of bare

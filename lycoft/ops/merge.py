@@ -8,7 +8,9 @@ Semantics (lycoft's strength, the LyCORIS formula):
 - `Q = A - A^T`, scaled so that `||Q||_F <= constraint * dim` over all blocks and stages (COFT; 0 = none);
 - `R = (I + Q)(I - Q)^-1` per block, then the strength `m R + (1 - m) I` per block (per stage for boft):
   oft `W' = (m (R - I) + I)^T W` blockwise, boft every stage `m R_i + (1 - m) I`;
-- `W' = rescale * M W` (output side) or `rescale * W M^T` (input side): rescale after the rotation.
+- `W' = rescale * M W` (output side) or `rescale * W M^T` (input side): rescale after the rotation;
+- `m = 0` is the base weight itself, rescale included (the adapted layer's forward at strength 0 is the
+  plain layer, so every path gives the base model exactly).
 """
 
 from __future__ import annotations
@@ -66,12 +68,16 @@ def merged_weight(
         (`M` = the butterfly `S_{m-1} ... S_0`); the algorithm is the tensor's rank, as in adapter files.
         `nb * b` is `out` (output side) or `in * prod(k)` (input side).
     side: ``"output"`` or ``"input"``.
-    constraint, multiplier: see `adapter_rotation` (multiplier 1: the adapter as trained, 0: the base).
+    constraint, multiplier: see `adapter_rotation` (multiplier 1: the adapter as trained, 0: the base
+        weight, unscaled: a copy of `weight`).
     rescale: `(out,)` or `(out, 1, ...)`: per-output-channel scale, applied after the rotation.
     rotation: `adapter_rotation(blocks, ...)` already built by the caller (a layer reusing the rotations its
-        network builds in one batch); `constraint` and `multiplier` are then not applied again.
+        network builds in one batch); `constraint` and `multiplier` are then not applied again, except that
+        multiplier 0 still returns the base weight.
     Computed in the rotation's dtype: float32 (float64 for float64 blocks), whatever `weight`'s dtype.
     """
+    if multiplier == 0:
+        return weight.clone()
     R = adapter_rotation(blocks, constraint=constraint, multiplier=multiplier) if rotation is None else rotation
     if R.shape != blocks.shape:
         raise ValueError(f"rotation of shape {tuple(R.shape)} does not belong to blocks of shape {tuple(blocks.shape)}")

@@ -1,0 +1,31 @@
+"""lycoft for the AUTOMATIC1111 family: Forge, Forge Classic and reForge apply every OFT/BOFT file exactly,
+at every multiplier, through their own LoRA loading path (the `<lora:name:multiplier>` prompt syntax, the
+Lora network list, hires fix and the API keep working).
+
+Each UI is recognised by the module its LoRA loader uses, and hooked there:
+- reForge (`ldm_patched.modules.weight_adapter`) and Forge Classic (`modules_forge.packages.comfy
+  .weight_adapter`) have ComfyUI's weight-adapter interface: their OFT and BOFT adapters are replaced by
+  lycoft's (`lycoft.ui.comfy_adapter`), and their `load_lora` learns the OFT spellings it lacks;
+- Forge (`backend.patcher.lora` with `extra_weight_calculators`) has no OFT code: lycoft's layers are read
+  first (a LoRA "collection" ahead of Forge's own) and merged by a weight calculator of their own.
+The file's metadata travels with its tensors (`networks.load_lora_state_dict`), so PEFT-style layers are
+read with the parametrisation they were trained with.
+"""
+
+from __future__ import annotations
+
+from .find_lycoft import lycoft_available
+
+lycoft_available()
+
+from . import comfy_interface, forge, state_dict  # noqa: E402
+
+
+def install() -> list[str]:
+    """Hook every LoRA path this UI has; returns the names of those hooked (empty: nothing recognised)."""
+    hooked = [name for name, hook in (("reForge", comfy_interface.install_reforge),
+                                      ("Forge Classic", comfy_interface.install_forge_classic),
+                                      ("Forge", forge.install)) if hook()]
+    if hooked:
+        state_dict.install()
+    return hooked

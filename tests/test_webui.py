@@ -1,0 +1,159 @@
+"""lycoft's webui extension (extensions/sd-webui-lycoft) in Forge and reForge.
+
+Against the UIs' real code (`webui_worker.py`, one process per UI): set ``LYCOFT_FORGE_DIR`` /
+``LYCOFT_REFORGE_DIR`` to a checkout of lllyasviel/stable-diffusion-webui-forge / Panchovix/
+stable-diffusion-webui-reForge (they are not on PyPI, so CI skips these). What CI runs: the extension's
+Forge collection and reForge/Forge Classic registration against minimal stand-ins of those interfaces.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny_files import rel
+
+from lycoft.formats.lycoris import ModuleSpec
+from lycoft.merge import apply_spec
+from lycoft.ui.state import TensorsWithMetadata
+
+REPO = Path(__file__).resolve().parents[1]
+EXTENSION = REPO / "extensions" / "sd-webui-lycoft"
+STRENGTHS = ("0.5", "1.0", "1.5", "-1.0")
+
+
+def _worker(ui: str, root: str, tmp_path: Path) -> dict:
+    run = subprocess.run([sys.executable, str(REPO / "tests" / "webui_worker.py"), ui, root, str(tmp_path)],
+                         capture_output=True, text=True, timeout=1200, cwd=REPO)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("LYCOFT-RESULT ")]
+    assert run.returncode == 0 and lines, (run.stdout[-3000:], run.stderr[-3000:])
+    return json.loads(lines[-1][len("LYCOFT-RESULT "):])
+
+
+@pytest.mark.skipif(not os.environ.get("LYCOFT_FORGE_DIR"), reason="set LYCOFT_FORGE_DIR to a Forge checkout")
+def test_forge_real_code(tmp_path):
+    """Stock Forge drops an OFT file ("LoRA version mismatch"); with the extension every layer is lycoft's merge
+    at every strength (fp32 storage: float32 precision; fp16 storage: the reference rounded once), and a LoRA
+    file patches exactly as before."""
+    out = _worker("forge", os.environ["LYCOFT_FORGE_DIR"], tmp_path)
+    print(json.dumps(out, indent=1))
+    assert out["sd1-fp32"]["stock_oft_dropped"] and out["sd1-fp32"]["lora_unchanged"]
+    for case in ("sd1-fp32", "sd1-fp16", "sdxl-fp32", "sdxl-fp16"):
+        for s in STRENGTHS:
+            r = out[case][s]
+            assert r["layers"] == r["expected_layers"], (case, s)
+            assert r["worst_rel"] <= (1e-5 if case.endswith("fp32") else r["rounding"] + 1e-5), (case, s)
+
+
+@pytest.mark.skipif(not os.environ.get("LYCOFT_REFORGE_DIR"), reason="set LYCOFT_REFORGE_DIR to a reForge checkout")
+def test_reforge_real_code(tmp_path):
+    """Stock reForge ignores an OFT file's rescale even at strength 1; with the extension every layer is lycoft's
+    merge at every strength, and a LoRA file patches exactly as before."""
+    out = _worker("reforge", os.environ["LYCOFT_REFORGE_DIR"], tmp_path)
+    print(json.dumps(out, indent=1))
+    assert out["sd1-fp32"]["stock_oft_s1_worst_rel"] > 0.05 and out["sd1-fp32"]["lora_unchanged"]
+    for case in ("sd1-fp32", "sdxl-fp32"):
+        for s in STRENGTHS:
+            r = out[case][s]
+            assert r["layers"] == r["expected_layers"] and r["worst_rel"] <= 1e-5, (case, s)
+
+
+# ----------------------------------------------------------------------------- without the UIs (CI)
+@pytest.fixture
+def webui(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXTENSION))
+    for name in [m for m in sys.modules if m == "lycoft_webui" or m.startswith("lycoft_webui.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return importlib.import_module("lycoft_webui")
+
+
+def _oft_file():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 4, 4, generator=g) * 0.1
+    s = 1 + 0.1 * torch.randn(32, 1, generator=g)
+    tensors = {"oft_unet_x.oft_blocks": A, "oft_unet_x.alpha": torch.tensor(0.0), "oft_unet_x.rescale": s,
+               "lora_unet_y.lora_up.weight": torch.ones(32, 2), "lora_unet_y.lora_down.weight": torch.ones(2, 16)}
+    return tensors, ModuleSpec("lora_unet_x", "oft", A, 0.0, s, "output", "kohya-legacy")
+
+
+def test_forge_collection_reads_oft_layers_and_hands_on_the_rest(webui, tmp_path, monkeypatch):
+    """Forge's interface: `lora_collection_priority` (asked in turn for `load_lora`) and
+    `extra_weight_calculators[patch_type](weight, strength, payload)`."""
+    seen = {}
+
+    def stock_load_lora(lora, to_load):
+        seen.update(lora)
+        return {to_load[x]: ("lora", x) for x in to_load if f"{x}.lora_up.weight" in lora}, {}
+
+    forge_lora = types.ModuleType("backend.patcher.lora")
+    forge_lora.lora_collection_priority = [types.SimpleNamespace(), types.SimpleNamespace(load_lora=stock_load_lora)]
+    forge_lora.extra_weight_calculators = {}
+    monkeypatch.setitem(sys.modules, "backend", types.ModuleType("backend"))
+    monkeypatch.setitem(sys.modules, "backend.patcher", types.ModuleType("backend.patcher"))
+    monkeypatch.setitem(sys.modules, "backend.patcher.lora", forge_lora)
+    assert webui.forge.install() and webui.forge.install()  # idempotent
+    assert len(forge_lora.lora_collection_priority) == 3
+    tensors, spec = _oft_file()
+    # the OFT layer is spelled kohya-legacy (oft_unet_x): found through the alias of lora_unet_x
+    to_load = {"lora_unet_x": "diffusion_model.x.weight", "lora_unet_y": "diffusion_model.y.weight"}
+    collection = forge_lora.lora_collection_priority[0]
+    patches, remaining = collection.load_lora(TensorsWithMetadata(tensors, {}, "a.safetensors"), to_load)
+    assert patches["diffusion_model.y.weight"] == ("lora", "lora_unet_y")
+    kind, payload = patches["diffusion_model.x.weight"]
+    assert kind == "lycoft_oft" and not any(k.startswith("oft_unet_x") for k in seen)
+    W = torch.randn(32, 16)
+    for m in (0.5, 1.0, -1.0):
+        got = forge_lora.extra_weight_calculators[kind](W.clone(), m, payload)
+        assert rel(got, apply_spec(W, spec, m)) <= 1e-6
+
+
+def test_comfy_interface_registration_replaces_stock_oft_adapters(webui, monkeypatch):
+    """reForge / Forge Classic's interface: `weight_adapter.adapters` + `WeightAdapterBase`, `lora.load_lora`."""
+
+    class Base:
+        pass
+
+    class LoRAAdapter(Base):
+        pass
+
+    class OFTAdapter(Base):
+        pass
+
+    class BOFTAdapter(Base):
+        pass
+
+    wa = types.ModuleType("ldm_patched.modules.weight_adapter")
+    wa.WeightAdapterBase, wa.OFTAdapter, wa.BOFTAdapter = Base, OFTAdapter, BOFTAdapter
+    wa.adapters = [LoRAAdapter, OFTAdapter, BOFTAdapter]
+    lora = types.ModuleType("ldm_patched.modules.lora")
+    lora.load_lora = lambda sd, to_load, log_missing=True: to_load
+    for name, module in (("ldm_patched", types.ModuleType("ldm_patched")),
+                         ("ldm_patched.modules", types.ModuleType("ldm_patched.modules")),
+                         ("ldm_patched.modules.weight_adapter", wa), ("ldm_patched.modules.lora", lora)):
+        monkeypatch.setitem(sys.modules, name, module)
+    assert webui.comfy_interface.install_reforge() and webui.comfy_interface.install_reforge()
+    assert [a.__name__ for a in wa.adapters] == ["LoRAAdapter", "LycoftOFTAdapter"]
+    assert issubclass(wa.adapters[-1], Base)
+    tensors = {"oft_unet_x.oft_blocks": torch.zeros(8, 4, 4)}
+    assert lora.load_lora(tensors, {"lora_unet_x": "w"}) == {"lora_unet_x": "w", "oft_unet_x": "w"}
+    assert lora.load_lora({"lora_unet_x.lora_up.weight": torch.zeros(1)}, {"lora_unet_x": "w"}) == {"lora_unet_x": "w"}
+    adapter = wa.adapters[-1].load("oft_unet_x", tensors, None, None, set())
+    assert adapter is not None and adapter.loaded_keys == {"oft_unet_x.oft_blocks"}
+
+
+def test_metadata_travels_with_the_webuis_cached_reader(webui, tmp_path, monkeypatch):
+    path = tmp_path / "a.safetensors"
+    save_file({"x.oft_R.weight": torch.zeros(2, 6)}, path, metadata={"lycoft.side": "input"})
+    networks = types.ModuleType("networks")
+    networks.load_lora_state_dict = lambda filename: {"x.oft_R.weight": torch.zeros(2, 6)}
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    assert webui.state_dict.install()
+    assert networks.load_lora_state_dict(str(path)).metadata == {"lycoft.side": "input"}
