@@ -23,7 +23,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider
+	# One worker per core; a test file stays on one worker (its module fixtures are built once).
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # The versions kohya sd-scripts pins (its requirements.txt): lycoft must install and work there.
 KOHYA_VENV := .venv-kohya
