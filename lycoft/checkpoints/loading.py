@@ -255,7 +255,7 @@ def _load_vae(source: str, pipe: Any, dtype: torch.dtype | None, allow_pickle: b
         # The replacement VAE has the architecture of the pipeline's own: reuse its config.
         pipe.vae.save_config(Path(tmp) / "vae")
         return AutoencoderKL.from_single_file(
-            str(st), config=tmp, subfolder="vae", local_files_only=True, torch_dtype=dtype
+            str(st), config=str(tmp), subfolder="vae", local_files_only=True, torch_dtype=dtype
         )
 
 
