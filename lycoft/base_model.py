@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -290,7 +289,7 @@ def open_base(path: str | os.PathLike[str], family: str | None = None,
     """Index a base model (see module docstring); a context manager because a ``.ckpt`` is read through
     a temporary safetensors copy that lives until the exit: beside the output `next_to` when its folder
     exists (the same disk; one a killed run left is removed by the next write of that output), else in
-    the system's temporary folder."""
+    lycoft's folder of the system's temporary folder (`scratch_directory`)."""
     p = Path(path)
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
@@ -314,8 +313,7 @@ def open_base(path: str | os.PathLike[str], family: str | None = None,
     if p.suffix.lower() in PICKLE_SUFFIXES:
         tensors = load_torch_checkpoint(str(p))
         beside = next_to is not None and Path(next_to).parent.is_dir()
-        scratch = scratch_directory(next_to) if beside else tempfile.TemporaryDirectory(prefix="lycoft-base-")
-        with scratch as tmp:
+        with scratch_directory(next_to if beside else None) as tmp:
             st = Path(tmp) / (p.stem + ".safetensors")
             save_safetensors_atomic(tensors, st)
             del tensors

@@ -231,7 +231,7 @@ def test_remove_stale_deletes_only_this_runs_temporaries(tmp_path):
     saver = Saver(SimpleNamespace(is_main_process=True), tmp_path, NAME, metadata=lambda s, e: {})
     stale = [f".{NAME}-step00000004.safetensors.0123456789ab.tmp", f".{NAME}.safetensors.abcdefabcdef.tmp",
              f".{NAME}-step00000006-state.partial", f".{NAME}-state.old", f".{NAME}-000002-state.partial"]
-    keep = [f"{NAME}-step00000004.safetensors", f"{NAME}-step00000004-state", ".other-state.partial",
+    keep = [f"{NAME}-step00000004.safetensors", f"{NAME}-step00000004-state", f"{NAME}-state", ".other-state.partial",
             f".{NAME}x-state.partial", f"{NAME}.safetensors", ".keep.tmp"]
     for name in stale + keep:
         if name.endswith(("-state", ".partial", ".old")):

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from ..io import load_torch_checkpoint, read_safetensors_header, save_safetensors_atomic
-from ..io.atomic import atomic_directory
+from ..io.atomic import atomic_directory, scratch_directory
 from .bundled import bundled_config_dir, load_component_config
 from .families import (
     CLIP,
@@ -79,7 +78,7 @@ def _as_safetensors(path: Path, allow_pickle: bool):
         )
     tensors = load_torch_checkpoint(path, allow_pickle=allow_pickle)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    with tempfile.TemporaryDirectory(prefix="lycoft-ckpt-") as tmp:
+    with scratch_directory() as tmp:
         out = Path(tmp) / (path.stem + ".safetensors")
         save_safetensors_atomic(tensors, out)
         del tensors
@@ -250,13 +249,13 @@ def _load_vae(source: str, pipe: Any, dtype: torch.dtype | None, allow_pickle: b
             f"VAE not found: {path}; give a VAE .safetensors/.ckpt or a diffusers VAE folder"
         )
     with (
-        tempfile.TemporaryDirectory(prefix="lycoft-vae-") as tmp,
+        scratch_directory() as tmp,
         _as_safetensors(path, allow_pickle) as (st, *_),
     ):
         # The replacement VAE has the architecture of the pipeline's own: reuse its config.
         pipe.vae.save_config(Path(tmp) / "vae")
         return AutoencoderKL.from_single_file(
-            str(st), config=tmp, subfolder="vae", local_files_only=True, torch_dtype=dtype
+            str(st), config=str(tmp), subfolder="vae", local_files_only=True, torch_dtype=dtype
         )
 
 

@@ -17,9 +17,10 @@ import functools
 import gzip
 import inspect
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..io.atomic import scratch_directory
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -126,7 +127,7 @@ def _from_vocab(vocab: dict[str, int], merges: list[tuple[str, str]], **kwargs: 
         return cls(vocab=dict(vocab), merges=list(merges), **kwargs)
     # transformers 4.x: the (slow) class reads vocab.json + merges.txt once in __init__, so a temporary
     # folder is enough; it keeps everything in memory afterwards.
-    with tempfile.TemporaryDirectory(prefix="lycoft-tok-") as tmp:
+    with scratch_directory() as tmp:
         vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
         vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         merges_file.write_text(

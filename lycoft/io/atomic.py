@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -399,12 +400,23 @@ def _set_modes(root: Path, folder_mode: int) -> None:
                 os.chmod(path, file_mode)
 
 
+def _system_scratch_target() -> Path:
+    """Where scratch folders without an output go: ``<system temp>/lycoft-<user id>/.scratch.<random>.tmp``.
+    One fixed place per user, so that any later run finds (and removes) what a killed one left there."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    home = Path(tempfile.gettempdir()) / f"lycoft-{uid}"
+    home.mkdir(mode=0o700, exist_ok=True)
+    return home / "scratch"
+
+
 @contextlib.contextmanager
-def scratch_directory(next_to: str | os.PathLike[str]) -> Iterator[Path]:
+def scratch_directory(next_to: str | os.PathLike[str] | None = None) -> Iterator[Path]:
     """A locked, empty temporary folder ``.<name>.<random>.tmp`` beside the output `next_to` (which need not
     exist yet), deleted on exit: for intermediate files as large as the output, on the same disk. One that a
-    killed run left is removed by the next write of `next_to` (`remove_stale`)."""
-    target = Path(next_to)
+    killed run left is removed by the next write of `next_to` (`remove_stale`). Without `next_to` (a
+    ``.ckpt`` converted for loading), the folder is in a lycoft folder of the system's temporary folder, and
+    the next scratch folder made there removes what a killed run left."""
+    target = Path(next_to) if next_to is not None else _system_scratch_target()
     with contextlib.suppress(OSError):
         remove_stale(target)
     tmp, fd = _locked_dir_temp(target, ".tmp")

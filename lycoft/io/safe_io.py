@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lycoft.io.atomic import atomic_write
+from lycoft.io.atomic import atomic_write, scratch_directory
 from lycoft.io.errors import AdapterFileError
 
 MAX_HEADER_BYTES = 100_000_000
@@ -561,4 +561,13 @@ def save_safetensors_atomic(
             t = t.clone()
         seen_storage.add(t.untyped_storage().data_ptr())
         prepared[k] = t
-    return atomic_write(p, lambda tmp: save_file(prepared, os.fspath(tmp), metadata=meta))
+
+    def write(tmp: Path) -> None:
+        # safetensors writes through a `.tmpXXXXXX` file of its own beside the path it is given, which a
+        # killed writer would leave in the output folder: it gets a scratch folder that the next write of
+        # `path` removes (`remove_stale`), and its result is moved onto the temporary.
+        with scratch_directory(os.path.realpath(p)) as scratch:
+            save_file(prepared, os.fspath(scratch / "x"), metadata=meta)
+            os.replace(scratch / "x", tmp)
+
+    return atomic_write(p, write)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -761,6 +762,12 @@ def check_value(f: Flag, value: Any, where: str) -> Any:
         raise _type_error(f, value, where)
     if kind == "str" and not isinstance(value, str):
         raise _type_error(f, value, where)
+    if kind in ("float", "floats", "numbers", "warmup"):
+        # No flag has a use for NaN or infinity, and a NaN rate, offset or scale trains a NaN model.
+        items = value if isinstance(value, list) else [value]
+        bad = next((v for v in items if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            raise ConfigError(f"{where} must be a finite number, got {bad}")
     if kind == "float":
         if not is_number:
             raise _type_error(f, value, where)

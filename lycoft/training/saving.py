@@ -327,8 +327,10 @@ class Saver:
     def remove_stale(self) -> list[Path]:
         """Delete the hidden temporaries a killed run of this ``output_name`` left (``.<file>.<hex>.tmp``,
         ``.<stem>-state.partial``, ``.<stem>-state.old``): SIGKILL or a power cut leaves them, and a state
-        folder weighs as much as the optimizer. Call at the start of a run (main process), before any save;
-        two runs writing the same output name into one folder at once are not supported anyway."""
+        folder weighs as much as the optimizer. An ``.old`` whose ``<stem>-state`` is missing is the previous
+        state of a run killed between the two renames of a state save: it is moved back, not deleted. Call at
+        the start of a run (main process), before any save; two runs writing the same output name into one
+        folder at once are not supported anyway."""
         if not self.accelerator.is_main_process or not self.output_dir.is_dir():
             return []
         pattern = re.compile(r"\." + re.escape(self.output_name) + r"(-step\d{8}|-\d{6})?"
@@ -336,6 +338,12 @@ class Saver:
         removed = []
         for entry in sorted(self.output_dir.iterdir()):
             if not pattern.match(entry.name):
+                continue
+            final = entry.with_name(entry.name[1:-len(".old")])
+            if entry.name.endswith("-state.old") and entry.is_dir() and not os.path.lexists(final):
+                os.replace(entry, final)
+                logger.warning("restored training state %s from %s, left by a run interrupted while saving",
+                               final, entry.name)
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
