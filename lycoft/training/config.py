@@ -15,7 +15,8 @@ from typing import Any
 
 from lycoft.training.config_files import load_config_toml, write_command_line_config
 from lycoft.training.errors import ConfigError, did_you_mean
-from lycoft.training.flags import TrainConfig, check_value, flag_table, value_from_text
+from lycoft.training.flag_values import check_value, value_from_text
+from lycoft.training.flags import TrainConfig, flag_table
 from lycoft.training.kohya_flags import ALIASES, UNSUPPORTED, refusal
 from lycoft.training.validate import validate
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lycoft.training.errors import ConfigError, did_you_mean
-from lycoft.training.flags import TrainConfig, check_value, flag_table
+from lycoft.training.flag_values import check_value
+from lycoft.training.flags import TrainConfig, flag_table
 from lycoft.training.kohya_flags import ALIASES, GUI_KEYS, UNSUPPORTED, at_default, refusal
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import Any
 
 from lycoft.training.config_files import read_toml
 from lycoft.training.errors import ConfigError, did_you_mean
-from lycoft.training.flags import TrainConfig, parse_resolution
+from lycoft.training.flag_values import parse_resolution
+from lycoft.training.flags import TrainConfig
 
 logger = logging.getLogger(__name__)
 
