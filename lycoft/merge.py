@@ -314,14 +314,16 @@ def _verify(out_files: dict[str, str], ops, count: int, report: MergeReport) -> 
     """Compare layers of the written output with the adapters applied on the fly to the input."""
     for i, (file, tensor, slot) in enumerate(_verify_sample(ops, count)):
         slot_ops = sorted((op for op in ops[(file, tensor)] if op.slot == slot), key=lambda o: o.adapter)
+        # One weight in memory at a time (the layer's output on the probe is small): the input's weight is
+        # dropped before the output's is read.
         with SafetensorsInput(file) as src:
             before = slot.take(src.read(tensor))
-        with SafetensorsInput(out_files[file]) as dst:
-            info = dst.info(tensor)
-            after = slot.take(dst.read(tensor))
         x = _probe_input(tuple(before.shape), seed=i)
         expected = _on_the_fly(before, slot_ops, x)
-        got = _layer_output(after, x)
+        del before
+        with SafetensorsInput(out_files[file]) as dst:
+            info = dst.info(tensor)
+            got = _layer_output(slot.take(dst.read(tensor)), x)
         err = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
         tol = VERIFY_TOL.get(info.dtype, 1e-5)
         report.verified.append((slot.key, err, tol))

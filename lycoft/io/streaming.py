@@ -143,7 +143,10 @@ def fits_dtype(t: torch.Tensor, dtype: str) -> bool:
     if t.numel() == 0:
         return True
     torch_dtype = _TORCH_OF.get(dtype, torch.float32)
-    return bool(torch.isfinite(t).all()) and float(t.abs().max()) <= torch.finfo(torch_dtype).max
+    # Two reductions and no tensor-sized temporaries (a NaN anywhere makes both NaN).
+    low, high = (float(v) for v in torch.aminmax(t))
+    limit = torch.finfo(torch_dtype).max
+    return -limit <= low and high <= limit
 
 
 def dtype_name(dtype: torch.dtype) -> str:
