@@ -1,9 +1,11 @@
-"""lycoft's webui extension (extensions/sd-webui-lycoft) in Forge and reForge.
+"""lycoft's webui extension (extensions/sd-webui-lycoft) in Forge, reForge and A1111.
 
 Against the UIs' real code (`webui_worker.py`, one process per UI): set ``LYCOFT_FORGE_DIR`` /
-``LYCOFT_REFORGE_DIR`` to a checkout of lllyasviel/stable-diffusion-webui-forge / Panchovix/
-stable-diffusion-webui-reForge (they are not on PyPI, so CI skips these). What CI runs: the extension's
-Forge collection and reForge/Forge Classic registration against minimal stand-ins of those interfaces.
+``LYCOFT_REFORGE_DIR`` / ``LYCOFT_A1111_DIR`` to a checkout of lllyasviel/stable-diffusion-webui-forge /
+Panchovix/stable-diffusion-webui-reForge / AUTOMATIC1111/stable-diffusion-webui (A1111: a folder holding at
+least its `extensions-builtin/Lora` files; they are not on PyPI, so CI skips these). What CI runs: the
+extension's Forge collection, reForge/Forge Classic registration and A1111 module type against minimal
+stand-ins of those interfaces.
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def test_reforge_real_code(tmp_path):
         for s in STRENGTHS:
             r = out[case][s]
             assert r["layers"] == r["expected_layers"] and r["worst_rel"] <= 1e-5, (case, s)
+
+
+@pytest.mark.skipif(not os.environ.get("LYCOFT_A1111_DIR"),
+                    reason="set LYCOFT_A1111_DIR to an A1111 checkout (its extensions-builtin/Lora)")
+def test_a1111_real_code(tmp_path):
+    """Stock A1111 is exact at multiplier 1 only (BOFT and rescaled OFT differ at 0.5); with the extension every
+    layer of an OFT+BOFT file with rescale, of a plain OFT file and of a kohya-legacy SD1 file (which stock
+    A1111 drops) is lycoft's merge at every multiplier, a LoRA file patches exactly as before, and unloading
+    restores the weights."""
+    out = _worker("a1111", os.environ["LYCOFT_A1111_DIR"], tmp_path)
+    print(json.dumps(out, indent=1))
+    r = out["sd1-fp32"]
+    assert r["stock 1.0"]["worst_rel"] <= 1e-5 < 0.05 < r["stock 0.5"]["worst_rel"]
+    assert r["stock legacy layers"] == 0 and r["lora_unchanged"] and r["restored"] and not r["errors"]
+    assert r["module_types"][0] == "LycoftOFTModuleType" and "ModuleTypeOFT" in r["module_types"]
+    for s in STRENGTHS:
+        for name, f in r[s].items():
+            assert f["layers"] == f["expected_layers"] and f["module_types"] == ["LycoftOFTModule"], (s, name)
+            assert f["worst_rel"] <= 1e-5, (s, name)
 
 
 # ----------------------------------------------------------------------------- without the UIs (CI)
@@ -157,3 +178,62 @@ def test_metadata_travels_with_the_webuis_cached_reader(webui, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "networks", networks)
     assert webui.state_dict.install()
     assert networks.load_lora_state_dict(str(path)).metadata == {"lycoft.side": "input"}
+
+
+def test_a1111_module_type_goes_first_and_reads_every_spelling(webui, tmp_path, monkeypatch):
+    """A1111's interface: `network.ModuleType` / `NetworkModule`, `networks.module_types` (asked in turn for
+    `create_module(net, NetworkWeights)`), `networks.sd_models.read_state_dict`; the module's `calc_updown`
+    gives the weight difference at `multiplier()`."""
+
+    class NetworkModule:
+        def __init__(self, net, weights):
+            self.network, self.network_key, self.sd_key = net, weights.network_key, weights.sd_key
+            self.ops, self.extra_kwargs = None, {}
+
+        def multiplier(self):
+            return self.network.unet_multiplier
+
+    class StockOFT:
+        def create_module(self, net, weights):
+            return "stock" if "oft_blocks" in weights.w else None
+
+    network = types.ModuleType("network")
+    network.ModuleType, network.NetworkModule = type("ModuleType", (), {}), NetworkModule
+    networks = types.ModuleType("networks")
+    networks.module_types = [StockOFT()]
+    tensors, spec = _oft_file()
+    networks.sd_models = types.SimpleNamespace(read_state_dict=lambda filename: dict(tensors))
+    monkeypatch.setitem(sys.modules, "network", network)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    assert webui.a1111.install() and webui.a1111.install()  # idempotent
+    assert len(networks.module_types) == 2 and networks.module_types[1].__class__ is StockOFT
+    path = tmp_path / "a.safetensors"
+    save_file(tensors, path)
+    sd = networks.sd_models.read_state_dict(str(path))
+    assert "lora_unet_x.oft_blocks" in sd and "oft_unet_x.oft_blocks" not in sd  # kohya legacy -> lora_unet_
+    assert "lora_unet_y.lora_up.weight" in sd
+    net = types.SimpleNamespace(network_on_disk=types.SimpleNamespace(filename=str(path)), unet_multiplier=-1.0)
+    w = {k.partition(".")[2]: v for k, v in sd.items() if k.startswith("lora_unet_x.")}
+    weights = types.SimpleNamespace(network_key="lora_unet_x.oft_blocks", sd_key="diffusion_model_x", w=w)
+    module = networks.module_types[0].create_module(net, weights)
+    W = torch.randn(32, 16)
+    updown, ex_bias = module.calc_updown(W)
+    assert ex_bias is None and rel(W + updown, apply_spec(W, spec, -1.0)) <= 1e-6
+    lora = types.SimpleNamespace(network_key="lora_unet_y.lora_up.weight", sd_key="y", w={"lora_up.weight": 0})
+    assert networks.module_types[0].create_module(net, lora) is None
+
+
+def test_a1111_kohya_names_of_other_spellings(webui):
+    name = webui.a1111.kohya_prefix
+    assert name("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0", False) == \
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    assert name("base_model.model.up_blocks.1.attentions.0.proj_in", False) == \
+        "lora_unet_up_blocks_1_attentions_0_proj_in"
+    assert name("text_encoder.encoder.layers.0.self_attn.q_proj", False) == \
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert name("text_encoder.text_model.encoder.layers.0.mlp.fc1", True) == \
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    assert name("clip_g.text_model.encoder.layers.3.mlp.fc2", True) == "lora_te2_text_model_encoder_layers_3_mlp_fc2"
+    assert name("unet.input_blocks.4.1.proj_in", True) == "lora_unet_input_blocks_4_1_proj_in"
+    assert name("oft_te_text_model_encoder_layers_0_mlp_fc1", False) == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    assert name("lora_unet_x", False) is None and name("vae.decoder.conv_in", False) is None

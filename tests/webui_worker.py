@@ -1,6 +1,6 @@
 """Runs lycoft's webui extension inside one UI's real LoRA code, in a process of its own; prints JSON.
 
-    python tests/webui_worker.py forge|reforge <UI checkout> <work dir>
+    python tests/webui_worker.py forge|reforge|a1111 <UI checkout> <work dir>
 
 Each UI is imported as it runs on a CPU (`--always-cpu`), with stand-ins only for modules of its GUI and
 webui state (`modules`, `gradio`, `launch`) and for packages of code never run here (`sentencepiece`,
@@ -8,8 +8,9 @@ webui state (`modules`, `gradio`, `launch`) and for packages of code never run h
 from the LDM config of the tiny UNet, `IntegratedCLIP`; reForge: `load_state_dict_guess_config`, see
 `comfy_family`). The LoRA path is the UI's: Forge's `networks.load_lora_for_models` + `ModelPatcher`
 (`LoraLoader.refresh`, `merge_lora_to_weight`); reForge's `ldm_patched.modules.sd.load_lora_for_models` +
-`ModelPatcher.patch_model`. Steps: a LoRA file and an OFT file through the stock UI; the extension installed
-as the webui loads it (`scripts/lycoft_oft.py`); the same files again, the OFT file at every strength.
+`ModelPatcher.patch_model`; A1111's Lora extension (`networks.load_networks` + `network_apply_weights`, see
+`a1111`). Steps: a LoRA file and an OFT file through the stock UI; the extension installed as the webui loads
+it (`scripts/lycoft_oft.py`); the same files again, the OFT file at every strength.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ EXTENSION = REPO / "extensions" / "sd-webui-lycoft"
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
 from stand_ins import Dummy, stand_ins  # noqa: E402
-from tiny_files import rel  # noqa: E402
+from tiny_files import rel, write_adapter  # noqa: E402
 from ui_files import STRENGTHS, checkpoint, mixed_adapter  # noqa: E402
 
+import lycoft  # noqa: E402
 from lycoft.formats.lycoris import read_adapter  # noqa: E402
 from lycoft.merge import apply_spec  # noqa: E402
 
@@ -285,9 +287,207 @@ def reforge(root: Path, work: Path) -> dict:
     return results
 
 
+# --------------------------------------------------------------------------------------------------- A1111
+class _A1111Options:
+    """`modules.shared.opts` of A1111 with the Lora extension's defaults (weights merged, not "functional")."""
+
+    lora_functional = False
+    lora_in_memory_limit = 0
+    lora_not_found_warning_console = False
+    lora_not_found_gradio_warning = False
+    lora_bundled_ti_to_infotext = True
+    lora_preferred_name = "Alias from file"
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+def _a1111_modules(work: Path, lora_dir: Path, errors: list) -> dict[str, types.ModuleType]:
+    """The `modules` A1111's Lora code imports, with the few functions it calls on them."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from lycoft.ui.state import safetensors_metadata
+
+    out = _webui_modules(work)
+    for name in ("cache", "patches", "models", "models.sd3", "models.sd3.mmdit", "textual_inversion",
+                 "textual_inversion.textual_inversion"):
+        module = _WebuiModule(f"modules.{name}")
+        module.__path__ = []
+        out[f"modules.{name}"] = module
+        parent, _, leaf = f"modules.{name}".rpartition(".")
+        setattr(out[parent], leaf, module)
+    shared = out["modules.shared"]
+    shared.opts = _A1111Options()
+    shared.cmd_opts = types.SimpleNamespace(lora_dir=str(lora_dir), lyco_dir_backcompat=str(lora_dir))
+    shared.walk_files = lambda path, allowed_extensions: [str(p) for p in sorted(Path(path).iterdir())
+                                                          if p.suffix in allowed_extensions]
+    cpu = torch.device("cpu")
+    out["modules.devices"].__dict__.update(cpu=cpu, device=cpu, dtype=torch.float32, torch_gc=lambda: None,
+                                           cond_cast_unet=lambda x: x)
+    # modules.sd_models.read_state_dict also renames checkpoint keys; a LoRA file has none of those
+    out["modules.sd_models"].__dict__.update(read_state_dict=lambda filename, *a, **k: load_file(filename),
+                                             read_metadata_from_safetensors=safetensors_metadata)
+    out["modules.cache"].cached_data_for_file = lambda subsection, title, filename, func: func()
+    out["modules.hashes"].__dict__.update(sha256_from_cache=lambda *a, **k: None, sha256=lambda *a, **k: "")
+    out["modules.errors"].__dict__.update(display=lambda e, task, **k: errors.append(f"{task}: {e!r}"),
+                                          report=lambda message, **k: errors.append(message))
+    out["modules.sd_hijack"].model_hijack = types.SimpleNamespace(
+        comments=[], embedding_db=types.SimpleNamespace(word_embeddings={}, expected_shape=-1))
+
+    class QkvLinear(torch.nn.Linear):
+        pass
+
+    out["modules.models.sd3.mmdit"].QkvLinear = QkvLinear
+
+    def patch(key, obj, field, replacement):
+        original = getattr(obj, field)
+        setattr(obj, field, replacement)
+        return original
+
+    out["modules.patches"].patch = patch
+    del os
+    return out
+
+
+def _a1111_extension_stand_ins(lora_code: Path) -> dict[str, types.ModuleType]:
+    """Module types A1111's `networks` imports and a test never gives a layer (LoHa, IA3, LoKr, full, norm,
+    GLoRA) and `lora_logger`, for the files of the Lora extension that `lora_code` lacks."""
+    out = {}
+    for name, cls in (("network_hada", "ModuleTypeHada"), ("network_ia3", "ModuleTypeIa3"),
+                      ("network_lokr", "ModuleTypeLokr"), ("network_full", "ModuleTypeFull"),
+                      ("network_norm", "ModuleTypeNorm"), ("network_glora", "ModuleTypeGLora")):
+        if not (lora_code / f"{name}.py").exists():
+            module = types.ModuleType(name)
+            setattr(module, cls, type(cls, (), {"create_module": lambda self, net, weights: None}))
+            out[name] = module
+    if not (lora_code / "lora_logger.py").exists():
+        import logging
+
+        out["lora_logger"] = types.SimpleNamespace(logger=logging.getLogger("lora"))
+    return out
+
+
+def _module_tree(sd: dict[str, torch.Tensor], prefix: str) -> torch.nn.Module:
+    """The Linear / Conv2d layers of a checkpoint's weights under `prefix`, under their names in the LDM model
+    (what A1111's `assign_network_names_to_compvis_modules` walks), holding those weights."""
+    root = torch.nn.Module()
+    for key, W in sd.items():
+        if not key.startswith(prefix) or not key.endswith(".weight") or W.dim() not in (2, 4):
+            continue
+        path = key[len(prefix):-len(".weight")]
+        if path.endswith("embedding"):
+            continue
+        bias = sd.get(f"{prefix}{path}.bias")
+        if W.dim() == 2:
+            layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=bias is not None)
+        else:
+            layer = torch.nn.Conv2d(W.shape[1], W.shape[0], tuple(W.shape[2:]), bias=bias is not None)
+        with torch.no_grad():
+            layer.weight.copy_(W)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        parent = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, layer)
+    return root.requires_grad_(False)  # as A1111 holds its models
+
+
+def a1111(root: Path, work: Path) -> dict:
+    """A1111's Lora extension (`extensions-builtin/Lora` of `root`) on the tiny SD1 checkpoint: its LDM UNet
+    and CLIP layers (`_module_tree`) as `shared.sd_model`; `networks.load_networks([name], [m], [m])` (what
+    `<lora:name:m>` calls) and `networks.network_apply_weights` on every layer (what their forward calls)."""
+    from safetensors.torch import load_file, save_file
+
+    lora_code = root / "extensions-builtin" / "Lora"
+    lora_dir = work / "Lora"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    sys.path[:0] = [str(lora_code)]
+    ckpt = load_file(checkpoint("sd1", work))
+    sd_model = types.SimpleNamespace(is_sdxl=False, model=_module_tree(ckpt, "model."),
+                                     cond_stage_model=types.SimpleNamespace(
+                                         wrapped=_module_tree(ckpt, "cond_stage_model.")))
+    modules = _a1111_modules(work, lora_dir, errors)
+    modules["modules.shared"].sd_model = sd_model
+    with stand_ins(("gradio",), modules={**modules, **_a1111_extension_stand_ins(lora_code)}):
+        import lora_patches
+        import networks
+    networks.originals = lora_patches.LoraPatches()
+    networks.extra_network_lora = types.SimpleNamespace(errors={})
+    networks.assign_network_names_to_compvis_modules(sd_model)
+    layers_of = {name: m for name, m in sd_model.network_layer_mapping.items()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    held = {name: m.weight.detach().clone() for name, m in layers_of.items()}
+
+    adapter, layers = mixed_adapter("sd1", work, lora_dir / "lycoft_sd1.safetensors")
+    write_adapter("sd1", lycoft.AdapterConfig(block_size=4), lora_dir / "oft_sd1.safetensors", seed=4)
+    specs = {name: read_adapter(str(lora_dir / f"{name}.safetensors"))[0] for name in ("lycoft_sd1", "oft_sd1")}
+    tensors = load_file(adapter)
+    legacy = {k.replace("lora_unet_", "oft_unet_", 1).replace("lora_te_", "oft_te_", 1): v for k, v in tensors.items()}
+    save_file(legacy, lora_dir / "legacy_sd1.safetensors")  # kohya legacy spelling, SD1 diffusers names
+    specs["legacy_sd1"] = specs["lycoft_sd1"]  # A1111 sees it under the names the extension renames it to
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for prefix in specs["lycoft_sd1"]:
+        W = held[networks.convert_diffusers_name_to_compvis(prefix, False)]
+        lora[f"{prefix}.lora_down.weight"] = torch.randn((4, W.shape[1], *W.shape[2:]), generator=g) * 0.1
+        lora[f"{prefix}.lora_up.weight"] = torch.randn((W.shape[0], 4, *([1] * (W.dim() - 2))), generator=g) * 0.1
+        lora[f"{prefix}.alpha"] = torch.tensor(2.0)
+    save_file(lora, lora_dir / "lora_sd1.safetensors")
+
+    def apply(name: str, m: float) -> tuple[dict[str, torch.Tensor], dict]:
+        networks.load_networks([name], [m], [m], [None])
+        for layer in layers_of.values():
+            networks.network_apply_weights(layer)
+        net = networks.loaded_networks[0]
+        return {k: layer.weight.detach().clone() for k, layer in layers_of.items()}, net.modules
+
+    def kind(spec) -> str:
+        return spec.algo + ("+rescale" if spec.rescale is not None else "")
+
+    def against_lycoft(name: str, m: float) -> dict:
+        got, modules = apply(name, m)
+        by_prefix = {mod.network_key.partition(".")[0]: sd_key for sd_key, mod in modules.items()}
+        out = {"layers": sum(not torch.equal(got[k], held[k]) for k in held), "expected_layers": len(specs[name]),
+               "module_types": sorted({type(mod).__name__ for mod in modules.values()})}
+        for p, spec in specs[name].items():
+            if p in by_prefix:
+                k = by_prefix[p]
+                err = rel(got[k].float(), apply_spec(held[k], spec, m))
+                out[f"worst_rel {kind(spec)}"] = max(out.get(f"worst_rel {kind(spec)}", 0.0), err)
+        out["worst_rel"] = max((v for k, v in out.items() if k.startswith("worst_rel ")), default=None)
+        return out
+
+    results: dict = {"ui": "a1111", "sd1-fp32": {}}
+    r = results["sd1-fp32"]
+    for m in (1.0, 0.5):
+        r[f"stock {m}"] = against_lycoft("lycoft_sd1", m)
+    r["stock legacy layers"] = len(apply("legacy_sd1", 1.0)[1])
+    stock_lora, _ = apply("lora_sd1", 0.7)
+    networks.networks_in_memory.clear()  # loaded with the stock module types before the extension was there
+    install_extension()
+    r["module_types"] = [type(t).__name__ for t in networks.module_types]
+    ext_lora, _ = apply("lora_sd1", 0.7)
+    r["lora_unchanged"] = all(torch.equal(stock_lora[k], ext_lora[k]) for k in stock_lora)
+    for s in STRENGTHS:
+        r[str(s)] = {name: against_lycoft(name, s) for name in ("lycoft_sd1", "oft_sd1", "legacy_sd1")}
+    networks.load_networks([], [], [], [])
+    for layer in layers_of.values():
+        networks.network_apply_weights(layer)
+    r["restored"] = all(torch.equal(layers_of[k].weight, held[k]) for k in held)
+    r["errors"] = errors
+    return results
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     ui, root, work = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
-    out = {"forge": forge, "reforge": reforge}[ui](root, work)
+    out = {"forge": forge, "reforge": reforge, "a1111": a1111}[ui](root, work)
     print("LYCOFT-RESULT " + json.dumps(out))

@@ -1,4 +1,4 @@
-"""lycoft for the AUTOMATIC1111 family: Forge, Forge Classic and reForge apply every OFT/BOFT file exactly,
+"""lycoft for the AUTOMATIC1111 family: A1111, Forge, Forge Classic and reForge apply every OFT/BOFT file exactly,
 at every multiplier, through their own LoRA loading path (the `<lora:name:multiplier>` prompt syntax, the
 Lora network list, hires fix and the API keep working).
 
@@ -7,7 +7,9 @@ Each UI is recognised by the module its LoRA loader uses, and hooked there:
   .weight_adapter`) have ComfyUI's weight-adapter interface: their OFT and BOFT adapters are replaced by
   lycoft's (`lycoft.ui.comfy_adapter`), and their `load_lora` learns the OFT spellings it lacks;
 - Forge (`backend.patcher.lora` with `extra_weight_calculators`) has no OFT code: lycoft's layers are read
-  first (a LoRA "collection" ahead of Forge's own) and merged by a weight calculator of their own.
+  first (a LoRA "collection" ahead of Forge's own) and merged by a weight calculator of their own;
+- A1111 (its Lora extension's `networks.module_types`) gets a network module type ahead of its own OFT type
+  (`a1111`), tried only when none of the above is there.
 The file's metadata travels with its tensors (`networks.load_lora_state_dict`), so PEFT-style layers are
 read with the parametrisation they were trained with.
 """
@@ -18,7 +20,7 @@ from .find_lycoft import lycoft_available
 
 lycoft_available()
 
-from . import comfy_interface, forge, state_dict  # noqa: E402
+from . import a1111, comfy_interface, forge, state_dict  # noqa: E402
 
 
 def install() -> list[str]:
@@ -28,4 +30,6 @@ def install() -> list[str]:
                                       ("Forge", forge.install)) if hook()]
     if hooked:
         state_dict.install()
+    elif a1111.install():
+        hooked = ["A1111"]
     return hooked
