@@ -16,7 +16,8 @@ CONSUMER_NAMES = {
     "lycoft": "lycoft (lycoft.load, tools/merge.py)",
     "LyCORIS": "LyCORIS loader (lycoris-lora 4.x)",
     "ComfyUI": "ComfyUI LoraLoader (0.30)",
-    "A1111": "A1111 (>= 1.8; Forge and Forge Classic read no OFT file without extensions/sd-webui-lycoft)",
+    "A1111": "A1111 (>= 1.8, stock; with extensions/sd-webui-lycoft A1111, Forge and reForge read every layout "
+             "exactly at every multiplier; Forge and Forge Classic read no OFT file without it)",
     "kohya-oft": "kohya sd-scripts networks.oft",
     "PEFT": "PEFT / diffusers PEFT loader",
 }

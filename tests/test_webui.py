@@ -72,14 +72,16 @@ def test_reforge_real_code(tmp_path):
                     reason="set LYCOFT_A1111_DIR to an A1111 checkout (its extensions-builtin/Lora)")
 def test_a1111_real_code(tmp_path):
     """Stock A1111 is exact at multiplier 1 only (BOFT and rescaled OFT differ at 0.5); with the extension every
-    layer of an OFT+BOFT file with rescale, of a plain OFT file and of a kohya-legacy SD1 file (which stock
-    A1111 drops) is lycoft's merge at every multiplier, a LoRA file patches exactly as before, and unloading
-    restores the weights."""
+    layer of an OFT+BOFT file with rescale, of a plain OFT file, of a kohya-legacy SD1 file (which stock A1111
+    drops) and of an input-side `oft_R.weight` file (which stock A1111 refuses) is lycoft's merge at every
+    multiplier, a LoRA file patches exactly as before, and unloading restores the weights."""
     out = _worker("a1111", os.environ["LYCOFT_A1111_DIR"], tmp_path)
     print(json.dumps(out, indent=1))
     r = out["sd1-fp32"]
     assert r["stock 1.0"]["worst_rel"] <= 1e-5 < 0.05 < r["stock 0.5"]["worst_rel"]
-    assert r["stock legacy layers"] == 0 and r["lora_unchanged"] and r["restored"] and not r["errors"]
+    assert r["stock legacy layers"] == r["stock input-side layers"] == 0
+    assert len(r["stock errors"]) == 1 and "Could not find a module type" in r["stock errors"][0]
+    assert r["lora_unchanged"] and r["restored"] and not r["errors"]
     assert r["module_types"][0] == "LycoftOFTModuleType" and "ModuleTypeOFT" in r["module_types"]
     for s in STRENGTHS:
         for name, f in r[s].items():

@@ -427,7 +427,11 @@ def a1111(root: Path, work: Path) -> dict:
 
     adapter, layers = mixed_adapter("sd1", work, lora_dir / "lycoft_sd1.safetensors")
     write_adapter("sd1", lycoft.AdapterConfig(block_size=4), lora_dir / "oft_sd1.safetensors", seed=4)
-    specs = {name: read_adapter(str(lora_dir / f"{name}.safetensors"))[0] for name in ("lycoft_sd1", "oft_sd1")}
+    # input side: `oft_R.weight` layers (the layout of PEFT and kohya oft_v2), kohya names
+    write_adapter("sd1", lycoft.AdapterConfig(block_size=4, side="input"), lora_dir / "input_sd1.safetensors",
+                  seed=5, preset="attn-mlp")
+    specs = {name: read_adapter(str(lora_dir / f"{name}.safetensors"))[0]
+             for name in ("lycoft_sd1", "oft_sd1", "input_sd1")}
     tensors = load_file(adapter)
     legacy = {k.replace("lora_unet_", "oft_unet_", 1).replace("lora_te_", "oft_te_", 1): v for k, v in tensors.items()}
     save_file(legacy, lora_dir / "legacy_sd1.safetensors")  # kohya legacy spelling, SD1 diffusers names
@@ -445,8 +449,8 @@ def a1111(root: Path, work: Path) -> dict:
         networks.load_networks([name], [m], [m], [None])
         for layer in layers_of.values():
             networks.network_apply_weights(layer)
-        net = networks.loaded_networks[0]
-        return {k: layer.weight.detach().clone() for k, layer in layers_of.items()}, net.modules
+        modules = networks.loaded_networks[0].modules if networks.loaded_networks else {}
+        return {k: layer.weight.detach().clone() for k, layer in layers_of.items()}, modules
 
     def kind(spec) -> str:
         return spec.algo + ("+rescale" if spec.rescale is not None else "")
@@ -469,6 +473,9 @@ def a1111(root: Path, work: Path) -> dict:
     for m in (1.0, 0.5):
         r[f"stock {m}"] = against_lycoft("lycoft_sd1", m)
     r["stock legacy layers"] = len(apply("legacy_sd1", 1.0)[1])
+    r["stock input-side layers"] = len(apply("input_sd1", 1.0)[1])
+    r["stock errors"] = list(errors)
+    errors.clear()
     stock_lora, _ = apply("lora_sd1", 0.7)
     networks.networks_in_memory.clear()  # loaded with the stock module types before the extension was there
     install_extension()
@@ -476,7 +483,7 @@ def a1111(root: Path, work: Path) -> dict:
     ext_lora, _ = apply("lora_sd1", 0.7)
     r["lora_unchanged"] = all(torch.equal(stock_lora[k], ext_lora[k]) for k in stock_lora)
     for s in STRENGTHS:
-        r[str(s)] = {name: against_lycoft(name, s) for name in ("lycoft_sd1", "oft_sd1", "legacy_sd1")}
+        r[str(s)] = {name: against_lycoft(name, s) for name in ("lycoft_sd1", "oft_sd1", "legacy_sd1", "input_sd1")}
     networks.load_networks([], [], [], [])
     for layer in layers_of.values():
         networks.network_apply_weights(layer)
