@@ -31,7 +31,14 @@ import torch
 from .base_model import BaseModel, adapter_key_spellings, family_of_adapter, open_base
 from .checkpoints.families import FAMILIES, FAMILY_INFO, SD1, family_info, modelspec_architecture, ss_base_model_version
 from .checkpoints.ldm_keys import UNetLayout, text_encoder_module_path, unet_module_path_to_ldm
-from .formats.lycoris import ModuleSpec, parse_adapter_tensors, save_specs, specs_metadata
+from .compatibility import RESCALED_OFT_FIX, UI_SAFE_LOSES, rescaled_oft_misreaders
+from .formats.lycoris import (
+    ModuleSpec,
+    oft_as_one_stage_butterfly,
+    parse_adapter_tensors,
+    save_specs,
+    specs_metadata,
+)
 from .formats.peft import PeftAdapter, PeftModule, is_peft_tensors, read_peft, write_peft
 from .io.atomic import refuse_overwrite, same_file
 from .io.errors import AdapterFileError
@@ -167,6 +174,7 @@ class ConvertReport:
     layers: int = 0
     unmatched: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ui_safe: int = 0  # oft layers written as one-stage butterflies
 
     def summary(self) -> str:
         lines = [f"converted {self.src} ({self.flavour}, {self.family}) -> {self.out} "
@@ -240,8 +248,27 @@ def _notes_for_lycoris(specs: Mapping[str, ModuleSpec], flavour: str) -> list[st
                      "files with block_size > block_num still do not load in the LyCORIS loader (ComfyUI and "
                      "A1111 read them)")
     if any(s.rescale is not None and s.algo == "oft" for s in specs.values()):
-        notes.append("oft with rescale: ComfyUI ignores rescale; give ComfyUI users a --to diff export")
+        notes.append(f"oft with rescale, which stock {' and '.join(rescaled_oft_misreaders())} ignore: "
+                     f"{RESCALED_OFT_FIX}")
     return notes
+
+
+def _one_stage_butterflies(specs: dict[str, ModuleSpec], report: ConvertReport) -> dict[str, ModuleSpec]:
+    """`--ui-safe`: every rescaled output-side oft module as the one-stage butterfly with its merged weight."""
+    out = {}
+    for key, spec in specs.items():
+        if spec.algo == "oft" and spec.side == "output" and spec.rescale is not None:
+            spec = oft_as_one_stage_butterfly(spec)
+            report.ui_safe += 1
+        out[key] = spec
+    if report.ui_safe:
+        report.notes.append(f"--ui-safe: {report.ui_safe} rescaled oft layers written as one-stage butterflies "
+                            f"(the same weights; stock {' and '.join(rescaled_oft_misreaders())} now apply their "
+                            f"rescale); {UI_SAFE_LOSES}")
+    else:
+        report.notes.append("--ui-safe: no oft layer has rescale, so every stock UI reads the file as it is; "
+                            "nothing was changed")
+    return out
 
 
 def convert_adapter(
@@ -258,6 +285,7 @@ def convert_adapter(
     component: str | None = None,
     peft_config: str | None = None,
     peft_layout: str = "diffusers",
+    ui_safe: bool = False,
 ) -> ConvertReport:
     """Convert the adapter `src` to `out` in format `to` (``lycoris``, ``peft`` or ``diff``).
 
@@ -272,6 +300,8 @@ def convert_adapter(
             export when the adapter covers several.
         peft_config: the PEFT adapter_config.json when the file does not carry it.
         peft_layout: ``diffusers`` (one file, config in metadata) or ``peftmodel`` (a folder).
+        ui_safe: ``lycoris`` output: write rescaled oft layers as one-stage butterflies, the layout whose
+            rescale stock ComfyUI and reForge apply (`lycoft.formats.lycoris.oft_as_one_stage_butterfly`).
     """
     if to not in TARGETS:
         raise ValueError(f"--to {to!r} is not known; use one of {', '.join(TARGETS)}")
@@ -281,6 +311,8 @@ def convert_adapter(
         raise ValueError(f"--family {family!r} is not known; use one of {', '.join(FAMILIES)}")
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ValueError(f"--dtype {dtype!r} is not known; use one of {', '.join(DTYPE_CHOICES)}")
+    if ui_safe and to != "lycoris":
+        raise ValueError(f"--ui-safe shapes --to lycoris output; --to {to} writes no oft blocks, drop --ui-safe")
     if to == "diff" and base is None:
         raise ValueError("--to diff needs --base <checkpoint or diffusers folder>: differences are W' - W")
     multiplier = check_multiplier(multiplier, "--multiplier")
@@ -313,6 +345,8 @@ def convert_adapter(
                 raise AdapterFileError(src, "is a PEFT BOFT adapter, which has no lycoft/LyCORIS form",
                                        "export full weight differences: --to diff --base <model>")
             specs = _respelled_specs(adapter, fam, keys, model, allow_partial, report)
+            if ui_safe:
+                specs = _one_stage_butterflies(specs, report)
             report.notes += _notes_for_lycoris(specs, adapter.flavour)
             if any(s.side == "input" for s in specs.values()):
                 report.notes.append("input-side adapter: written in lycoft's input-side layout, which lycoft "
@@ -322,6 +356,8 @@ def convert_adapter(
                          "modelspec.architecture": modelspec_architecture(fam, adapter="lora")}
             metadata = specs_metadata(specs, fam, {**family_md, **adapter.metadata})
             metadata["lycoft.converted_from"] = f"{adapter.flavour}: {os.path.basename(src)}"
+            if report.ui_safe:
+                metadata["lycoft.ui_safe"] = "rescaled oft layers stored as one-stage butterflies"
             if adapter.flavour == "kohya-legacy":  # no longer a networks.oft file
                 metadata["ss_network_module"] = "lycoft.kohya"
             save_specs(specs, out, metadata, torch_dtype)

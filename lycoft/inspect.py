@@ -30,7 +30,17 @@ import torch
 from .base_model import BaseModel, adapter_key_spellings, open_base
 from .checkpoints.families import family_info
 from .checkpoints.ldm_keys import text_encoder_module_path
-from .compatibility import CONSUMER_NAMES, FAILS, IGNORED, OK, STRENGTH_NOTE, WRONG, Verdict, verdicts
+from .compatibility import (
+    CONSUMER_NAMES,
+    FAILS,
+    IGNORED,
+    OK,
+    STRENGTH_NOTE,
+    WRONG,
+    Verdict,
+    rescaled_oft_advice,
+    verdicts,
+)
 from .convert import ReadAdapter, guess_family, key_index, read_any_adapter
 from .formats.lycoris import ModuleSpec
 from .formats.peft import PeftModule, cayley_minus
@@ -39,6 +49,7 @@ from .io.streaming import OpenInputs
 from .ops import cayley, constrain, orthogonality_error, skew
 
 _BADNESS = {FAILS: 4, WRONG: 3, IGNORED: 2, "convert": 1, OK: 0}
+_FLAVOUR_DIMS = {"lycoris-oft": (3,), "lycoris-boft": (4,)}
 _TE_FLAT = re.compile(r"^lora_te\d?_encoder_")
 
 
@@ -150,9 +161,13 @@ def _layout_numbers(shape: tuple[int, ...], algo: str) -> tuple[int, int, int]:
     return b, nb, (shape[0] if algo == "boft" else 1)
 
 
-def _facts(adapter: ReadAdapter, raw: dict[str, torch.Tensor]) -> list[str]:
+def _facts(adapter: ReadAdapter, raw: dict[str, torch.Tensor], dims: tuple[int, ...] = (3, 4)) -> list[str]:
+    """The `lycoft.compatibility.FACTS` of the file's modules whose oft_blocks have one of `dims` (3: oft, 4:
+    boft), so that an oft verdict does not hear of a boft module's rescale; keys alone: of every module."""
     facts = set()
     heads = {k.partition(".")[0] for k in raw}
+    if any(f"{h}.oft_blocks" in raw for h in heads):
+        heads = {h for h in heads if f"{h}.oft_blocks" not in raw or raw[f"{h}.oft_blocks"].dim() in dims}
     for head in heads:
         blocks = raw.get(f"{head}.oft_blocks")
         if blocks is None:
@@ -167,7 +182,8 @@ def _facts(adapter: ReadAdapter, raw: dict[str, torch.Tensor]) -> list[str]:
         if blocks.dim() == 3 and b > nb:
             facts.add("block_size_gt_block_num")
         if blocks.dim() == 4 and (nb & (nb - 1) or blocks.shape[0] != 1 + int(math.log2(nb))):
-            facts.add("partial_butterfly")
+            # one stage of 2^k blocks fits (broadcasts into) the full butterfly LyCORIS rebuilds; others do not
+            facts.add("one_stage_butterfly" if blocks.shape[0] == 1 and not nb & (nb - 1) else "partial_butterfly")
         if alpha is not None and float(alpha) > 0:
             qn = float(torch.linalg.vector_norm(skew(blocks.double())))
             if qn + 1e-8 > float(alpha):
@@ -186,9 +202,10 @@ def _compat_flavours(adapter: ReadAdapter) -> list[str]:
     return [adapter.flavour]
 
 
-def _combined_verdicts(flavours: list[str], facts: list[str]) -> list[Verdict]:
-    """With oft and boft layers in one file, each consumer gets its worse verdict of the two."""
-    tables = [verdicts(f, facts) for f in flavours]
+def _combined_verdicts(flavours: list[str], facts: dict[str, list[str]]) -> list[Verdict]:
+    """With oft and boft layers in one file, each consumer gets its worse verdict of the two (each from the
+    facts of its own layers)."""
+    tables = [verdicts(f, facts[f]) for f in flavours]
     return [max(col, key=lambda v: _BADNESS[v.verdict]) for col in zip(*tables)]
 
 
@@ -228,8 +245,12 @@ def inspect_adapter(path: str, base: str | None = None, family: str | None = Non
                 _base_fit(model, inputs, key, info, stats, not_in_base, wrong_shape)
             layers.append((order.get((comp, module), len(order)), stats))
         layers.sort(key=lambda x: (_group_rank(x[1].group) if x[1].group != "?" else (9, 0), x[0]))
-    facts = _facts(adapter, raw)
+    flavours = _compat_flavours(adapter)
+    by_flavour = {f: _facts(adapter, raw, _FLAVOUR_DIMS.get(f, (3, 4))) for f in flavours}
+    facts = sorted(set().union(*by_flavour.values()))
     notes = []
+    if "rescale" in by_flavour.get("lycoris-oft", ()):
+        notes.append(rescaled_oft_advice(path))
     if adapter.peft is not None and any(m.neumann for m in adapter.peft.modules):
         notes.append("PEFT Neumann series (use_cayley_neumann=True): rotations are approximations; ortho_error "
                      "is the series' own error")
@@ -237,7 +258,7 @@ def inspect_adapter(path: str, base: str | None = None, family: str | None = Non
         notes.append(f"the adapter is {adapter_fam} (from its {source}) but the base is {model.family}; inspect it "
                      f"against an {adapter_fam} base")
     return Inspection(path, adapter.flavour, adapter_fam, source, [s for _, s in layers], adapter.metadata, facts,
-                      _combined_verdicts(_compat_flavours(adapter), facts), base, not_in_base, wrong_shape, notes,
+                      _combined_verdicts(flavours, by_flavour), base, not_in_base, wrong_shape, notes,
                       model.family if model is not None else None)
 
 

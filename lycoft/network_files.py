@@ -17,6 +17,7 @@ from torch import nn
 
 from ._version import __version__
 from .checkpoints.families import FAMILY_INFO, MODELSPEC_VERSION, SD1, modelspec_architecture, ss_base_model_version
+from .compatibility import rescaled_oft_advice
 from .config import AdapterConfig, NetworkOptions
 from .formats.lycoris import ALPHA_FLOOR, ALPHA_MARGIN, ModuleSpec, read_adapter
 from .io.errors import AdapterFileError
@@ -111,14 +112,14 @@ def network_tensors(net: nn.Module, dtype: torch.dtype | None = None) -> dict[st
 
 def save_network(net: nn.Module, path: str, metadata: Mapping[str, str] | None = None,
                  dtype: torch.dtype | None = None, output_name: str | None = None,
-                 v_prediction: bool = False) -> None:
-    """Atomic write of the adapter file; user metadata (e.g. kohya's ``ss_*``) wins over ours."""
+                 v_prediction: bool = False, warn_ui: bool = True) -> None:
+    """Atomic write of the adapter file; user metadata (e.g. kohya's ``ss_*``) wins over ours. `warn_ui`: log
+    which stock UIs misread the file, if any do (`lycoft.compatibility.rescaled_oft_advice`)."""
     md = network_metadata(net, output_name, v_prediction)
     for k, v in (metadata or {}).items():
         md[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-    if any(layer.rescale is not None and not layer.is_boft for layer in net.adapters.values()):
-        log.warning("lycoft: this oft file has rescale, which stock ComfyUI and reForge ignore for oft; their users "
-                    "need the lycoft extension (extensions/) or a full-difference export (tools/convert.py --to diff)")
+    if warn_ui and any(layer.rescale is not None and not layer.is_boft for layer in net.adapters.values()):
+        log.warning("lycoft: %s", rescaled_oft_advice(path))
     save_safetensors_atomic(network_tensors(net, dtype), path, md)
 
 

@@ -360,6 +360,29 @@ def test_load_oft_node_lycoft_and_stock_formulas(comfy, files):
     assert bypass.injections["bypass_lora"]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stock_comfyui_reads_the_ui_safe_conversion_right(comfy, files, family, caplog):
+    """Without the extension, ComfyUI ignores the rescale of the oft layers (wrong at strength 1); their
+    `tools/convert.py --to lycoris --ui-safe` conversion (one-stage butterflies) equals tools/merge.py at
+    strength 1 in every layer (float32)."""
+    from lycoft.convert import convert_adapter
+
+    src = comfy.loras / files[family]["lora"]
+    name = f"ui-safe-{family}.safetensors"
+    convert_adapter(str(src), str(comfy.loras / name), "lycoris", ui_safe=True, force=True)
+    model, clip = model_for(comfy, files, family, "fp32")
+    ref = merged_reference(comfy, files, family, 1.0, model)
+    worst = {}
+    with comfy.stock():
+        for label, file in (("plain", files[family]["lora"]), ("--ui-safe", name)):
+            got = _loaded(comfy, model, clip, file, 1.0, caplog)
+            assert len(got) == files[family]["layers"], label
+            worst[label] = max(rel(w, ref[k]) for k, w in got.items())
+    print(f"stock ComfyUI 0.30 {family} strength 1: worst layer rel err plain {worst['plain']:.1e}, "
+          f"--ui-safe {worst['--ui-safe']:.1e}")
+    assert worst["--ui-safe"] <= FP32_TOL and worst["plain"] > 0.05
+
+
 # ------------------------------------------------------------------------------------------- layouts
 def _loaded(comfy, model, clip, name, strength, caplog):
     caplog.clear()

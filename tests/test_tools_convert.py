@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from consumers import comfy_merge, kohya_legacy_merge
+from consumers import a1111_merge, comfy_merge, kohya_legacy_merge
 from safetensors.torch import load_file, save_file
 from tiny_files import (
     layer_of,
@@ -22,6 +22,7 @@ from tiny_files import (
 
 import lycoft
 from lycoft.convert import convert_adapter
+from lycoft.formats.lycoris import ModuleSpec, oft_as_one_stage_butterfly
 from lycoft.io import AdapterFileError, read_safetensors
 from lycoft.ops import cayley, skew
 
@@ -258,6 +259,101 @@ def test_diff_of_sd2_fused_text_encoder_and_diffusers_base(tmp_path, files):
     for key, layer in net.adapters.items():
         W = layer.base.weight.detach()
         assert rel(W + a[key + ".diff"], layer.merged_weight()) <= TOL
+
+
+# -- --ui-safe: rescaled oft as one-stage butterflies ------------------------------------------------
+RESCALED_OFT = lycoft.AdapterConfig(block_size=4, rescale=True, constraint=1e-3)
+
+
+@pytest.fixture
+def ui_safe_pair(tmp_path, files):
+    """A rescaled, constrained oft adapter (every layer but conv_out, whose one block of 4 LyCORIS cannot
+    rebuild as oft) and its --ui-safe conversion."""
+    f = files("sd1")
+    src = write_adapter("sd1", RESCALED_OFT, tmp_path / "r.safetensors", pipe=fresh(f), exclude=r"conv_out$")
+    out = tmp_path / "r-ui.safetensors"
+    report = convert_adapter(str(src), str(out), "lycoris", ui_safe=True)
+    return f, src, out, report
+
+
+def test_ui_safe_is_the_same_adapter_for_lycoft_at_every_strength(ui_safe_pair):
+    """Every rescaled oft layer becomes a one-stage butterfly (1, nb, b, b) with the same rescale and an alpha
+    for the same norm; lycoft.load (and so tools/merge.py) reads it back to the same weights at any strength."""
+    f, src, out, report = ui_safe_pair
+    before, (after, meta) = load_file(src), read_safetensors(out)
+    heads = sorted(k[: -len(".oft_blocks")] for k in before if k.endswith(".oft_blocks"))
+    assert report.ui_safe == len(heads) and "LyCORIS" in " ".join(report.notes)
+    assert meta["lycoft.algo"] == "boft" and "lycoft.ui_safe" in meta
+    for h in heads:
+        A, B = before[f"{h}.oft_blocks"], after[f"{h}.oft_blocks"]
+        assert B.shape == (1, *A.shape)
+        assert torch.equal(after[f"{h}.rescale"], before[f"{h}.rescale"])
+        assert float(after[f"{h}.alpha"]) == pytest.approx(float(before[f"{h}.alpha"]), rel=1e-6)
+    for m in (1.0, 0.5, -1.0):
+        a = lycoft.load(str(src), pipe=fresh(f), multiplier=m)
+        b = lycoft.load(str(out), pipe=fresh(f), multiplier=m)
+        assert all(b.adapters[k].layout.algo == "boft" and b.adapters[k].layout.stages == 1 for k in heads)
+        worst = max(rel(b.adapters[k].merged_weight(), a.adapters[k].merged_weight()) for k in heads)
+        print(f"--ui-safe read back by lycoft, strength {m}: worst layer rel err {worst:.1e}")
+        assert worst <= TOL
+
+
+def test_ui_safe_is_read_right_by_the_comfyui_and_a1111_formulas(ui_safe_pair):
+    """At strength 1: ComfyUI's formula (reForge's too) applies a butterfly's rescale, so the --ui-safe file
+    equals lycoft's merge where the plain oft file does not (rescale ignored); A1111's reads both right."""
+    f, src, out, _ = ui_safe_pair
+    before, after = load_file(src), load_file(out)
+    net = lycoft.load(str(src), pipe=fresh(f))
+    worst = {"comfy": 0.0, "a1111": 0.0, "comfy, plain oft": 0.0}
+    for key, layer in net.adapters.items():
+        W, ours, rescale = layer.base.weight.detach(), layer.merged_weight(), after[f"{key}.rescale"]
+        B, alpha = after[f"{key}.oft_blocks"], float(after[f"{key}.alpha"])
+        worst["comfy"] = max(worst["comfy"], rel(comfy_merge(W, B, alpha, rescale), ours))
+        worst["a1111"] = max(worst["a1111"], rel(a1111_merge(W, B, alpha, rescale), ours))
+        plain = comfy_merge(W, before[f"{key}.oft_blocks"], float(before[f"{key}.alpha"]), rescale)
+        worst["comfy, plain oft"] = max(worst["comfy, plain oft"], rel(plain, ours))
+    print("--ui-safe, formulas at strength 1:", {k: f"{v:.1e}" for k, v in worst.items()})
+    assert worst["comfy"] <= TOL and worst["a1111"] <= TOL and worst["comfy, plain oft"] > 0.05
+
+
+def test_ui_safe_is_misread_by_the_real_lycoris_loader(ui_safe_pair, lycoris_without_timestep_embedding):
+    """What the --ui-safe file costs: lycoris-lora's loader rebuilds full butterflies and copies the one stage
+    into each of their stages without a word (a wrong merge), where it reads the plain oft file right."""
+    from lycoris.kohya import create_network_from_weights
+
+    f, src, out, _ = ui_safe_pair
+    ours = lycoft.load(str(src), pipe=fresh(f))
+    worst = {}
+    for name, path in (("plain oft", src), ("--ui-safe", out)):
+        pipe = fresh(f)
+        lyco, _ = create_network_from_weights(1.0, str(path), None, pipe.text_encoder, pipe.unet)
+        modules = {m.lora_name: m for m in lyco.unet_loras}
+        assert len(modules) == sum(1 for k in ours.adapters if k.startswith("lora_unet_"))
+        worst[name] = max(rel(m.get_merged_weight(multiplier=1.0)[0], ours.adapters[k].merged_weight())
+                          for k, m in modules.items())
+    print("real LyCORIS loader at multiplier 1:", {k: f"{v:.1e}" for k, v in worst.items()})
+    assert worst["plain oft"] <= TOL and worst["--ui-safe"] > 0.1
+
+
+def test_ui_safe_refusals_and_cli(tmp_path, files, capsys):
+    f = files("sd1")
+    odd = ModuleSpec("lora_unet_x", "oft", torch.zeros(4, 3, 3), 0.0, torch.ones(12, 1), "output", "lycoris")
+    with pytest.raises(AdapterFileError, match="even block size.*--to diff"):
+        oft_as_one_stage_butterfly(odd)
+    with pytest.raises(ValueError, match="--ui-safe.*--to diff"):
+        convert_adapter(str(f["a"]), str(tmp_path / "d.safetensors"), "diff", base=str(f["single-file"]),
+                        ui_safe=True)
+    # nothing rescaled (f["a"]): written unchanged, and said so
+    report = convert_adapter(str(f["a"]), str(tmp_path / "same.safetensors"), "lycoris", ui_safe=True)
+    assert report.ui_safe == 0 and "nothing was changed" in report.summary()
+    spec = importlib.util.spec_from_file_location("tools_convert", REPO / "tools" / "convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    src = write_adapter("sd1", RESCALED_OFT, tmp_path / "r.safetensors", pipe=fresh(f), preset="attn-only")
+    assert convert.main(["--in", str(src), "--out", str(tmp_path / "r-ui.safetensors"), "--to", "lycoris",
+                         "--ui-safe"]) == 0
+    assert "one-stage butterflies" in capsys.readouterr().out
+    assert all(t.dim() == 4 for k, t in load_file(tmp_path / "r-ui.safetensors").items() if k.endswith("oft_blocks"))
 
 
 # -- key names -----------------------------------------------------------------------------------------

@@ -55,6 +55,15 @@ def files():
     ("lycoft-input", [], "PEFT", "convert"),
     ("diff", [], "LyCORIS", OK),
     ("diff", [], "ComfyUI", OK),
+    ("lycoris-oft", ["rescale"], "reForge", WRONG),  # reForge reads files as ComfyUI does
+    ("lycoris-boft", ["rescale", "one_stage_butterfly"], "reForge", OK),  # what --ui-safe writes
+    ("lycoris-boft", ["rescale", "one_stage_butterfly"], "ComfyUI", OK),
+    ("lycoris-boft", ["rescale", "one_stage_butterfly"], "A1111", OK),
+    ("lycoris-boft", ["one_stage_butterfly"], "LyCORIS", WRONG),  # broadcast into its full butterfly
+    ("lycoris-oft", ["rescale"], "Forge", IGNORED),
+    ("lycoris-boft", [], "Forge Classic", IGNORED),
+    ("diff", [], "Forge", OK),
+    ("diff", [], "Forge Classic", OK),
 ])
 def test_compatibility_matrix(flavour, facts, consumer, expected):
     assert verdict_table(flavour, facts)[consumer].verdict == expected
@@ -144,6 +153,36 @@ def test_file_facts(tmp_path, files):
     ins = inspect_adapter(str(legacy))
     table = {v.consumer: v.verdict for v in ins.verdicts}
     assert ins.flavour == "kohya-legacy" and table["A1111"] == IGNORED and table["kohya-oft"] == OK
+
+
+def test_rescaled_oft_names_the_uis_that_misread_it_and_the_fix(tmp_path, files, capsys):
+    """A rescaled oft file: inspect says stock ComfyUI and reForge read it wrong and prints the --ui-safe
+    command; the converted file reads right in both and wrong in the LyCORIS loader (one-stage butterflies),
+    and an oft layer without rescale beside them does not make it look misread."""
+    from lycoft.cli.inspect import main as inspect_main
+    from lycoft.convert import convert_adapter
+
+    f = files("sd1")
+    rescaled = write_adapter("sd1", lycoft.AdapterConfig(block_size=4, rescale=True), tmp_path / "r.safetensors",
+                             pipe=copy.deepcopy(f["pipe"]), preset="attn-only")
+    assert inspect_main([str(rescaled)]) == 0
+    text = capsys.readouterr().out
+    misread = [line for line in text.splitlines() if "reads it WRONG" in line]
+    assert len(misread) == 2 and "ComfyUI" in misread[0] and "reForge" in misread[1]
+    assert f"python tools/convert.py --in {rescaled} --out" in text and "--ui-safe" in text
+    fixed = tmp_path / "r-ui.safetensors"
+    convert_adapter(str(rescaled), str(fixed), "lycoris", ui_safe=True)
+    tensors = load_file(fixed)
+    tensors["lora_unet_conv_in.oft_blocks"] = torch.zeros(8, 4, 4)  # plain oft, no rescale
+    tensors["lora_unet_conv_in.alpha"] = torch.tensor(1e-3)
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(tensors, mixed, {"lycoft.version": "0.1.0"})
+    ins = inspect_adapter(str(mixed))
+    table = {v.consumer: v.verdict for v in ins.verdicts}
+    assert {"rescale", "one_stage_butterfly"} <= set(ins.facts)
+    assert table["ComfyUI"] == table["reForge"] == table["A1111"] == OK
+    assert table["LyCORIS"] == WRONG and table["Forge"] == table["Forge Classic"] == IGNORED
+    assert not any("--ui-safe" in n for n in ins.notes)
 
 
 def test_peft_neumann_file(tmp_path, files):

@@ -285,6 +285,25 @@ def test_epochs_epoch_saves_and_the_xformers_fallback(toy, tmp_path, caplog):
     assert "using PyTorch SDPA attention instead" in caplog.text
 
 
+def test_a_rescaled_oft_run_says_once_which_uis_misread_it_and_the_fix_works(toy, tmp_path, caplog):
+    """Two saves of an oft adapter with rescale: one warning line naming the stock UIs that ignore its
+    rescale (from lycoft.compatibility) and a convert command, which runs as printed."""
+    from lycoft.cli.convert import main as convert_main
+    from lycoft.compatibility import rescaled_oft_misreaders
+
+    caplog.set_level(logging.WARNING)
+    out = tmp_path / "out"
+    run(toy, out, save_every_n_steps=1, network_args=["preset=attn-only", "rescaled=true"])
+    assert len(list(out.glob("*.safetensors"))) == 2  # step 1 and the final file
+    lines = [r.getMessage() for r in caplog.records if "--ui-safe" in r.getMessage()]
+    assert len(lines) == 1 and all(ui in lines[0] for ui in rescaled_oft_misreaders())
+    assert rescaled_oft_misreaders() == ["ComfyUI", "reForge"]
+    command = lines[0].split("python tools/convert.py ", 1)[1].split()
+    assert convert_main(command) == 0
+    fixed = load_file(command[command.index("--out") + 1])
+    assert all(t.dim() == 4 for k, t in fixed.items() if k.endswith(".oft_blocks"))
+
+
 def test_demo_writes_adapter_samples_and_merged_checkpoint(tmp_path, capsys):
     from lycoft import demo
 

@@ -57,11 +57,13 @@ def test_forge_real_code(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("LYCOFT_REFORGE_DIR"), reason="set LYCOFT_REFORGE_DIR to a reForge checkout")
 def test_reforge_real_code(tmp_path):
-    """Stock reForge ignores an OFT file's rescale even at strength 1; with the extension every layer is lycoft's
-    merge at every strength, and a LoRA file patches exactly as before."""
+    """Stock reForge ignores an OFT file's rescale even at strength 1, and reads its `tools/convert.py --ui-safe`
+    conversion right at strength 1; with the extension every layer is lycoft's merge at every strength, and a
+    LoRA file patches exactly as before."""
     out = _worker("reforge", os.environ["LYCOFT_REFORGE_DIR"], tmp_path)
     print(json.dumps(out, indent=1))
     assert out["sd1-fp32"]["stock_oft_s1_worst_rel"] > 0.05 and out["sd1-fp32"]["lora_unchanged"]
+    assert out["sd1-fp32"]["stock_ui_safe_s1_worst_rel"] <= 1e-5
     for case in ("sd1-fp32", "sdxl-fp32"):
         for s in STRENGTHS:
             r = out[case][s]

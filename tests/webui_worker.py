@@ -33,6 +33,7 @@ from tiny_files import rel, write_adapter  # noqa: E402
 from ui_files import STRENGTHS, checkpoint, mixed_adapter  # noqa: E402
 
 import lycoft  # noqa: E402
+from lycoft.convert import convert_adapter  # noqa: E402
 from lycoft.formats.lycoris import read_adapter  # noqa: E402
 from lycoft.merge import apply_spec  # noqa: E402
 
@@ -274,6 +275,10 @@ def reforge(root: Path, work: Path) -> dict:
         if "installed" not in results:
             stock = weights(*load(model, clip, adapter, 1.0))
             r["stock_oft_s1_worst_rel"] = compare(stock, lycoft_reference(specs, keys, held, 1.0))
+            ui_safe = work / f"{family}-lycoft-ui.safetensors"
+            convert_adapter(str(adapter), str(ui_safe), "lycoris", ui_safe=True, force=True)
+            stock = weights(*load(model, clip, ui_safe, 1.0))
+            r["stock_ui_safe_s1_worst_rel"] = compare(stock, lycoft_reference(specs, keys, held, 1.0))
             stock_lora = weights(*load(model, clip, lora, 0.7))
             install_extension()
             results["installed"] = True

@@ -4,13 +4,15 @@ lycoft-convert --in kohya_oft.safetensors --out a.safetensors --to lycoris
 lycoft-convert --in a.safetensors --out a_ldm.safetensors --to lycoris --keys ldm
 lycoft-convert --in pytorch_lora_weights.safetensors --out a.safetensors --to lycoris
 lycoft-convert --in a_input_side.safetensors --out peft/ --to peft --peft-layout peftmodel
+lycoft-convert --in a.safetensors --out a-ui.safetensors --to lycoris --ui-safe
 lycoft-convert --in a.safetensors --out a.diff.safetensors --to diff --base model.safetensors
 
 Reads: LyCORIS oft/boft (any version: kohya oft_unet_, LyCORIS 2.0 oft_diag, files without alpha), lycoft
 input-side files, PEFT OFT/BOFT (diffusers save_lora_adapter files, PeftModel folders). Writes:
   lycoris  lycoft's layout: LyCORIS oft_blocks for output-side adapters (ComfyUI, A1111, LyCORIS read
            them), lycoft's input-side layout for PEFT-style ones; keys normalised (text_model_ form for text
-           encoders, --keys for the UNet).
+           encoders, --keys for the UNet). --ui-safe writes rescaled oft layers as one-stage butterflies
+           (same weights), whose rescale stock ComfyUI and reForge apply; the LyCORIS loader refuses them.
   peft     input-side oft as a PEFT OFT adapter (exact Cayley) for one model (--component).
   diff     full weight differences <key>.diff = W' - W against --base, for programs that cannot read OFT
            correctly (ComfyUI with rescale, old A1111 with BOFT, stable-diffusion.cpp); use them at strength 1.
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peft-layout", choices=["diffusers", "peftmodel"], default="diffusers",
                         help="--to peft: one file with the config in its metadata (diffusers, default) or a "
                              "PeftModel folder")
+    parser.add_argument("--ui-safe", action="store_true",
+                        help="--to lycoris: rescaled oft layers as one-stage butterflies (same weights), which stock "
+                             "ComfyUI and reForge read right; the LyCORIS loader refuses them")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--allow-partial", action="store_true", help="leave out keys that match no layer")
     return parser
@@ -66,7 +71,7 @@ def _convert(args: argparse.Namespace) -> None:
     report = convert_adapter(args.src, args.out, args.to, base=args.base, keys=args.keys, family=args.family,
                              multiplier=args.multiplier, dtype=args.dtype, force=args.force,
                              allow_partial=args.allow_partial, component=args.component,
-                             peft_config=args.peft_config, peft_layout=args.peft_layout)
+                             peft_config=args.peft_config, peft_layout=args.peft_layout, ui_safe=args.ui_safe)
     print(report.summary())
 
 

@@ -5,7 +5,8 @@ lycoft-inspect a.safetensors --base model.safetensors --plot a.png
 lycoft-inspect a.safetensors --json > a.json
 
 Prints the format and algorithm, block sizes, per-layer rotation size (||Q||, largest rotation angle) and
-orthogonality error, the metadata, the verdict of lycoft, LyCORIS, ComfyUI, A1111, kohya and PEFT on it
+orthogonality error, the metadata, the verdict of lycoft, LyCORIS, ComfyUI, reForge, A1111, Forge, Forge Classic,
+kohya and PEFT on it
 and, with --base, the keys that match no layer of that model and how much each layer's weight changes.
 In a lycoft checkout, `python tools/inspect.py` is the same command.
 """

@@ -194,6 +194,35 @@ def spec_tensors(spec: ModuleSpec, dtype: torch.dtype | None = None) -> dict[str
     return out
 
 
+def butterfly_order(b: int) -> torch.Tensor:
+    """Where a one-stage butterfly takes each entry of a group of `b` channels from: the two halves
+    interleaved, ``[0, b/2, 1, b/2 + 1, ...]`` (docs/spec.md, "Butterfly (BOFT)")."""
+    return torch.arange(b).reshape(2, b // 2).T.reshape(-1)
+
+
+def oft_as_one_stage_butterfly(spec: ModuleSpec) -> ModuleSpec:
+    """The same output-side oft module as a one-stage butterfly ``(1, nb, b, b)``: the same merged weight
+    for every reader of the butterfly layout, which (unlike their oft path) ComfyUI and reForge rescale.
+
+    OFT applies ``R_k^T = C(-Q_k)`` to each group of `b` output channels; a one-stage butterfly applies
+    ``P^T R'_k P`` with `P` the interleave of `butterfly_order`. So ``R'_k = P R_k^T P^T = C(-P Q_k P^T)``:
+    the blocks are ``-A`` with rows and columns reordered. Negation and reordering keep every norm, so the
+    constraint, `alpha` and the clamps are unchanged, and ``m R' + (1 - m) I`` is the same conjugate of the
+    oft interpolation: lycoft and LyCORIS read it at every strength as before. `b` must be even.
+    """
+    if spec.algo != "oft" or spec.side != "output":
+        raise ValueError(f"{spec.key}: only output-side oft modules have a one-stage butterfly form")
+    b = spec.blocks.shape[-1]
+    if b % 2:
+        raise AdapterFileError(f"{spec.key}: blocks of {b} rows have no butterfly form (a butterfly needs an "
+                               "even block size); export full weight differences instead (tools/convert.py --to "
+                               "diff --base <model>)")
+    order = butterfly_order(b)
+    blocks = -spec.blocks[:, order][:, :, order]
+    return ModuleSpec(spec.key, "boft", blocks.unsqueeze(0).contiguous(), spec.constraint, spec.rescale,
+                      spec.side, spec.source)
+
+
 def specs_metadata(specs: Mapping[str, ModuleSpec], family: str | None,
                    base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Metadata of a file written from specs: `base` (e.g. the source file's kohya ``ss_*`` keys, and the

@@ -272,7 +272,7 @@ class Saver:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 save_network(network, str(path), metadata=dict(self.metadata(step, epoch)), dtype=self.dtype,
-                             output_name=stem, v_prediction=self.v_prediction)
+                             output_name=stem, v_prediction=self.v_prediction, warn_ui=not self.written)
             except Exception as e:  # any failure: the other ranks must hear of it (see `_settle`)
                 error = e
         self._settle(error, path, step)
