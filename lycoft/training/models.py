@@ -171,12 +171,23 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
     from lycoft.checkpoints.loading import load_pipeline
 
     source = cfg.pretrained_model_name_or_path
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
+    if cfg.lowram and not Path(source).expanduser().is_file():
+        logger.warning("--lowram reads single-file checkpoints straight onto the device; %s loads through the "
+                       "CPU as without it", source)
     try:
+        # A single file is read tensor by tensor into the training dtypes: the weights are held once, where
+        # diffusers' reader holds a half-precision file, its float32 copy and the cast copy at once (2.4x the
+        # memory, docs/training.md). --lowram reads onto the device (kohya: "load models to VRAM instead of RAM").
         pipe, family, v_prediction = load_pipeline(
             source,
             family=cfg.family_override,
             v_prediction=True if cfg.v_parameterization else None,
             vae=cfg.vae,
+            dtype=weight_dtype,
+            vae_dtype=vae_dtype,
+            device=device if cfg.lowram else torch.device("cpu"),
         )
     except UnsafeCheckpointError as e:
         raise ConfigError(
@@ -201,8 +212,6 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
     if v_prediction and cfg.v_pred_like_loss:
         raise ConfigError(f"--v_pred_like_loss is for epsilon models, but {cfg.pretrained_model_name_or_path} "
                           "predicts v; drop it")
-    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
     text_encoders, tokenizers = pipeline_text_encoders(pipe, family)
     for module in (pipe.unet, pipe.vae, *text_encoders):
         module.requires_grad_(False)
