@@ -3,7 +3,8 @@
 Sources: ``builtin:tiny-sd1|tiny-sd2|tiny-sdxl``, a diffusers folder, a single-file ``.safetensors``
 or ``.ckpt`` LDM checkpoint, or a hub id. Single files never need the hub: diffusers'
 ``from_single_file`` gets a bundled config folder (``config=..., local_files_only=True``) chosen by the
-detected family and model width, and tokenizers built in code. ``.ckpt`` files are read with
+detected family and model width, and tokenizers built in code; given a ``device``, the same config folder
+describes models that are filled tensor by tensor on that device instead (`streamed`). ``.ckpt`` files are read with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling; ``lycoft.io.load_torch_checkpoint``)
 and handed over as a temporary safetensors. Files are written atomically (``lycoft.io``).
 """

@@ -4,8 +4,9 @@
 (whose default resolution depends on the family) can be checked before any weights are read; on the way it
 refuses what cannot load (a missing, truncated or empty model, a family flag that contradicts the file, a
 ``--vae`` without VAE weights) with a `ConfigError` naming the file. `load_models` does the heavy part:
-`lycoft.checkpoints.load_pipeline`, then everything is frozen and moved to the training device in the weight
-dtype (fp16/bf16 under mixed precision, except a `--no_half_vae` VAE); what fails there for a reason of the
+`lycoft.checkpoints.load_pipeline` in the weight dtype (fp16/bf16 under mixed precision, except a `--no_half_vae`
+VAE; a single file read tensor by tensor, onto the device with ``--lowram``), then everything is frozen and moved
+to the training device; what fails there for a reason of the
 files (a pickle that could run code, an unknown hub id, a damaged folder) is a `ConfigError` too. Adapters
 are added later by `lycoft.inject`; they keep their own float32 parameters.
 """
