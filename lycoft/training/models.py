@@ -180,7 +180,8 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
     try:
         # A single file is read tensor by tensor into the training dtypes: the weights are held once, where
         # diffusers' reader holds a half-precision file, its float32 copy and the cast copy at once (2.4x the
-        # memory, docs/training.md). --lowram reads onto the device (kohya: "load models to VRAM instead of RAM").
+        # memory, docs/training.md). --lowram reads onto the device: kohya sd-scripts' "load models to VRAM instead
+        # of RAM" (library/train_util.py load_target_model passes accelerator.device as the load device).
         pipe, family, v_prediction = load_pipeline(
             source,
             family=cfg.family_override,
