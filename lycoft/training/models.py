@@ -179,7 +179,7 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
                        "CPU as without it", source)
     try:
         # A single file is read tensor by tensor into the training dtypes: the weights are held once, where
-        # diffusers' reader holds a half-precision file, its float32 copy and the cast copy at once (2.4x the
+        # diffusers' reader holds a half-precision file, its float32 copy and the cast copy at once (about 3x the
         # memory, docs/training.md). --lowram reads onto the device: kohya sd-scripts' "load models to VRAM instead
         # of RAM" (library/train_util.py load_target_model passes accelerator.device as the load device).
         pipe, family, v_prediction = load_pipeline(
