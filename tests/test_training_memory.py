@@ -250,6 +250,3 @@ def test_compile_and_memory_flags_are_checked(toy, tmp_path, caplog):
         parse_args([*base, "--dynamo_backend", "eager", "--highvram"])
     assert "--dynamo_backend eager has no effect with --torch_compile unset" in caplog.text
     assert "--highvram True has no effect with --cache_latents unset" in caplog.text
-    with pytest.raises(ConfigError, match="--lowram is a kohya sd-scripts flag that lycoft does not take: "
-                                          "sd-scripts then reads the checkpoint straight into VRAM"):
-        parse_args([*base, "--lowram"])

@@ -3,7 +3,8 @@
 Sources: ``builtin:tiny-sd1|tiny-sd2|tiny-sdxl``, a diffusers folder, a single-file ``.safetensors``
 or ``.ckpt`` LDM checkpoint, or a hub id. Single files never need the hub: diffusers'
 ``from_single_file`` gets a bundled config folder (``config=..., local_files_only=True``) chosen by the
-detected family and model width, and tokenizers built in code. ``.ckpt`` files are read with
+detected family and model width, and tokenizers built in code; given a ``device``, the same config folder
+describes models that are filled tensor by tensor on that device instead (`streamed`). ``.ckpt`` files are read with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling; ``lycoft.io.load_torch_checkpoint``)
 and handed over as a temporary safetensors. Files are written atomically (``lycoft.io``).
 """
@@ -37,6 +38,7 @@ from .families import (
     modelspec_architecture,
 )
 from .ldm_keys import pipeline_to_ldm_state_dict
+from .streamed import assemble_pipeline, load_models_streamed
 from .tiny import build_tiny_pipeline
 from .tokenizer import tokenizer_for_config
 
@@ -152,7 +154,9 @@ def _is_v_prediction(pipe: Any) -> bool:
 # ------------------------------------------------------------------------------------------ loaders
 
 
-def _load_single_file(path: Path, family, v_prediction, dtype, allow_pickle, config) -> tuple[Any, str, bool]:
+def _load_single_file(
+    path: Path, family, v_prediction, dtype, allow_pickle, config, device=None, vae_dtype=None
+) -> tuple[Any, str, bool]:
     import diffusers
 
     with _as_safetensors(path, allow_pickle) as (st_path, shapes, metadata):
@@ -176,10 +180,16 @@ def _load_single_file(path: Path, family, v_prediction, dtype, allow_pickle, con
                 kwargs[component] = tokenizer_for_config(config_dir, component, size)
         if info.pipeline_class == "StableDiffusionPipeline":
             kwargs.update(safety_checker=None, feature_extractor=None)
-        pipe_cls = getattr(diffusers, info.pipeline_class)
-        pipe = pipe_cls.from_single_file(
-            str(st_path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **kwargs
-        )
+        if device is not None:
+            models = load_models_streamed(
+                st_path, info, config_dir, dtype or torch.float32, torch.device(device), vae_dtype
+            )
+            pipe = assemble_pipeline(info, config_dir, models, kwargs)
+        else:
+            pipe_cls = getattr(diffusers, info.pipeline_class)
+            pipe = pipe_cls.from_single_file(
+                str(st_path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **kwargs
+            )
         guess = guess_v_prediction(family, shapes, metadata)
     if v_prediction is None:
         v_prediction = guess
@@ -267,6 +277,8 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
     config: str | None = None,
+    device: str | torch.device | None = None,
+    vae_dtype: torch.dtype | None = None,
 ) -> tuple[Any, str, bool]:
     """Load a Stable Diffusion pipeline; returns ``(pipeline, family, v_prediction)``.
 
@@ -280,9 +292,17 @@ def load_pipeline(
         dtype: weight dtype (default float32).
         allow_pickle: let ``.ckpt`` loading unpickle arbitrary objects (only for files you trust).
         config: diffusers folder describing a single-file checkpoint whose shape no bundled config has.
+        device: read a single-file checkpoint tensor by tensor straight onto this device, each cast to
+            `dtype` as it is read (lycoft.checkpoints.streamed): the process never holds more of the file
+            in RAM than one tensor. None: diffusers' ``from_single_file`` on the CPU. Other sources load
+            with diffusers either way.
+        vae_dtype: the VAE's weight dtype when it differs from `dtype` (a float32 VAE under half precision).
     """
     if family is not None:
         family_info(family)
+    # A VAE wanted in another dtype than the rest loads in float32 and is cast once, never rounded through
+    # `dtype` on the way; single files read onto `device` get each model's dtype as they are read.
+    load_dtype = dtype if vae_dtype in (None, dtype) else None
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTINS:
@@ -290,24 +310,29 @@ def load_pipeline(
                 f"unknown builtin model {source!r}; use {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
             )
         family = _resolve_family(family, BUILTINS[name], source)
-        pipe = build_tiny_pipeline(family, dtype=dtype or torch.float32)
+        pipe = build_tiny_pipeline(family, dtype=load_dtype or torch.float32)
         if v_prediction is None:
             v_prediction = _is_v_prediction(pipe)
         _set_prediction_type(pipe, v_prediction)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
-            pipe, family, v_prediction = _load_diffusers_dir(str(path), family, v_prediction, dtype)
+            pipe, family, v_prediction = _load_diffusers_dir(str(path), family, v_prediction, load_dtype)
         elif path.is_file():
+            file_dtype = dtype if device is not None else load_dtype
             pipe, family, v_prediction = _load_single_file(
-                path, family, v_prediction, dtype, allow_pickle, config
+                path, family, v_prediction, file_dtype, allow_pickle, config, device, vae_dtype
             )
         elif path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES or not _HUB_ID.match(source):
             raise FileNotFoundError(f"model not found: {source!r} does not exist; {_SOURCES_HELP}")
         else:
-            pipe, family, v_prediction = _load_diffusers_dir(source, family, v_prediction, dtype, hub=True)
+            pipe, family, v_prediction = _load_diffusers_dir(source, family, v_prediction, load_dtype, hub=True)
     if vae is not None:
-        pipe.vae = _load_vae(vae, pipe, dtype, allow_pickle)
+        pipe.vae = _load_vae(vae, pipe, vae_dtype or dtype, allow_pickle)
+    if dtype is not None and vae_dtype not in (None, dtype):
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.to(dtype=vae_dtype if name == "vae" else dtype)
     return pipe, family, v_prediction
 
 

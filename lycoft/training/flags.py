@@ -233,6 +233,10 @@ class TrainConfig:
     highvram: bool = flag(
         False, "Keep the GPU's cached memory while caching latents. By default it is released after every "
         "VAE batch, so that the VAE's activations leave no fragments behind on a small GPU.", group="memory")
+    lowram: bool = flag(
+        False, "Read a single-file checkpoint tensor by tensor straight onto the GPU, for machines with more "
+        "VRAM than RAM (Colab, Kaggle): RAM then holds one tensor of the file at a time. Without it the file is "
+        "read the same way onto the CPU, in the training dtype, and moved to the GPU after.", group="memory")
     torch_compile: bool = flag(
         False, "Compile the UNet with torch.compile (--dynamo_backend): faster steps after a slow first step "
         "and one recompilation per new bucket size.", group="memory")

@@ -78,10 +78,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     # models and memory
     "tokenizer_cache_dir": Unsupported("lycoft bundles the CLIP tokenizers and never downloads them; drop it"),
     "mem_eff_attn": Unsupported("lycoft always uses PyTorch's memory-efficient attention (SDPA); drop it", False),
-    "lowram": Unsupported("sd-scripts then reads the checkpoint straight into VRAM and keeps the UNet and VAE "
-                          "there while caching text; lycoft reads it into RAM (diffusers) and moves every model to "
-                          "the GPU right after, where they stay: there is no direct-to-VRAM loading; drop it",
-                          False),
     "disable_mmap_load_safetensors": Unsupported(_NOT_YET, False),
     "cpu_offload_checkpointing": Unsupported(f"{_NOT_YET}; use --gradient_checkpointing", False),
     "fused_backward_pass": Unsupported("it fuses the optimizer step into backward for full fine-tuning with "

@@ -96,6 +96,7 @@ def training_metadata(cfg: TrainConfig, *, dataset: Any, family: str, num_proces
         "ss_full_bf16": cfg.full_bf16,
         "ss_fp8_base": cfg.fp8_base,
         "ss_fp8_base_unet": cfg.fp8_base_unet,
+        "ss_lowram": cfg.lowram,
         "ss_v2": family_info(family).ss_v2,
         "ss_clip_skip": cfg.clip_skip if cfg.clip_skip is not None else "None",
         "ss_max_token_length": cfg.max_token_length if cfg.max_token_length is not None else "None",

@@ -4,8 +4,9 @@
 (whose default resolution depends on the family) can be checked before any weights are read; on the way it
 refuses what cannot load (a missing, truncated or empty model, a family flag that contradicts the file, a
 ``--vae`` without VAE weights) with a `ConfigError` naming the file. `load_models` does the heavy part:
-`lycoft.checkpoints.load_pipeline`, then everything is frozen and moved to the training device in the weight
-dtype (fp16/bf16 under mixed precision, except a `--no_half_vae` VAE); what fails there for a reason of the
+`lycoft.checkpoints.load_pipeline` in the weight dtype (fp16/bf16 under mixed precision, except a `--no_half_vae`
+VAE; a single file read tensor by tensor, onto the device with ``--lowram``), then everything is frozen and moved
+to the training device; what fails there for a reason of the
 files (a pickle that could run code, an unknown hub id, a damaged folder) is a `ConfigError` too. Adapters
 are added later by `lycoft.inject`; they keep their own float32 parameters.
 """
@@ -171,12 +172,24 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
     from lycoft.checkpoints.loading import load_pipeline
 
     source = cfg.pretrained_model_name_or_path
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
+    if cfg.lowram and not Path(source).expanduser().is_file():
+        logger.warning("--lowram reads single-file checkpoints straight onto the device; %s loads through the "
+                       "CPU as without it", source)
     try:
+        # A single file is read tensor by tensor into the training dtypes: the weights are held once, where
+        # diffusers' reader holds a half-precision file, its float32 copy and the cast copy at once (about 3x the
+        # memory, docs/training.md). --lowram reads onto the device: kohya sd-scripts' "load models to VRAM instead
+        # of RAM" (library/train_util.py load_target_model passes accelerator.device as the load device).
         pipe, family, v_prediction = load_pipeline(
             source,
             family=cfg.family_override,
             v_prediction=True if cfg.v_parameterization else None,
             vae=cfg.vae,
+            dtype=weight_dtype,
+            vae_dtype=vae_dtype,
+            device=device if cfg.lowram else torch.device("cpu"),
         )
     except UnsafeCheckpointError as e:
         raise ConfigError(
@@ -201,8 +214,6 @@ def load_models(cfg: TrainConfig, device: torch.device) -> Models:
     if v_prediction and cfg.v_pred_like_loss:
         raise ConfigError(f"--v_pred_like_loss is for epsilon models, but {cfg.pretrained_model_name_or_path} "
                           "predicts v; drop it")
-    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    vae_dtype = torch.float32 if cfg.no_half_vae else weight_dtype
     text_encoders, tokenizers = pipeline_text_encoders(pipe, family)
     for module in (pipe.unet, pipe.vae, *text_encoders):
         module.requires_grad_(False)
