@@ -66,10 +66,9 @@ class Block:
     reason: str
 
 
-def blocks_of(doc: Path) -> list[Block]:
+def blocks_of(text: str, rel: str) -> list[Block]:
     """The fenced blocks of a Markdown page with their markers; a malformed marker or fence is an error."""
-    rel = doc.relative_to(REPO).as_posix()
-    lines = doc.read_text(encoding="utf-8").splitlines()
+    lines = text.splitlines()
     found: list[Block] = []
     pending: tuple[int, str, str] | None = None  # a marker waiting for its fence
     i = 0
@@ -123,7 +122,10 @@ def checkout_folder(root: Path) -> Path:
     """A folder that looks like the repository's root to the commands: links to the tracked entries, and a
     `.venv/bin/` whose programs are those of the interpreter running the tests."""
     root.mkdir()
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.splitlines()
+    except OSError:
+        tracked = []
     tops = {f.split("/")[0] for f in tracked} or {p.name for p in REPO.iterdir() if not p.name.startswith(".")}
     for name in sorted(tops):
         if (REPO / name).exists():
@@ -131,7 +133,9 @@ def checkout_folder(root: Path) -> Path:
     bin_dir = root / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     real_bin = Path(sys.executable).parent
-    for program in real_bin.iterdir():
+    # Outside a virtual environment the interpreter's folder is a system one: stand in for the interpreter only.
+    programs = list(real_bin.iterdir()) if sys.prefix != sys.base_prefix else [Path(sys.executable)]
+    for program in programs + [real_bin / "python", real_bin / "python3"]:
         # A linked interpreter would lose its virtual environment (found next to the path it was started by).
         target = sys.executable if program.name.startswith("python") else str(program)
         write_program(bin_dir / program.name, f'#!/bin/sh\nexec {shlex.quote(target)} "$@"\n')
@@ -151,7 +155,7 @@ def write_program(path: Path, text: str) -> None:
 def shell_env(root: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        PATH=os.pathsep.join([str(root / ".venv" / "bin"), env.get("PATH", "")]),
+        PATH=os.pathsep.join([str(root / ".venv" / "bin"), str(Path(sys.executable).parent), env.get("PATH", "")]),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
         HF_HOME=str(root.parent / "hf-home"),
         HF_HUB_OFFLINE="1",
@@ -194,7 +198,7 @@ def run_python(rel: str, block: Block, namespace: dict) -> None:
 @pytest.mark.parametrize("doc", DOCS, ids=[d.relative_to(REPO).as_posix() for d in DOCS])
 def test_doc_snippets_run_as_written(doc, tmp_path, monkeypatch):
     rel = doc.relative_to(REPO).as_posix()
-    blocks = blocks_of(doc)
+    blocks = blocks_of(doc.read_text(encoding="utf-8"), rel)
     root = checkout_folder(tmp_path / "checkout")
     env = shell_env(root)
     monkeypatch.chdir(root)
@@ -218,3 +222,21 @@ def test_doc_snippets_run_as_written(doc, tmp_path, monkeypatch):
     ran = sum(" ran in " in line for line in report)
     skipped = sum(" skipped: " in line for line in report)
     print(f"{rel}: {ran} ran, {skipped} skipped, {len(report) - ran - skipped} shown", *report, sep="\n")
+
+
+def test_markers_and_fences_are_read_and_checked():
+    """What the page tests rely on: markers attach to the next fence, console blocks keep only commands,
+    and a malformed page is an error rather than a silently skipped block."""
+    page = ("text\n\n<!-- snippet: skip (needs a GPU) -->\n\n```bash\nnvidia-smi\n```\n"
+            "<!-- snippet: output -->\n```sh\nwrote x\n```\n~~~python\nx = 1\n~~~\n")
+    blocks = blocks_of(page, "page.md")
+    assert [(b.line, b.lang, b.marker, b.reason) for b in blocks] == [
+        (5, "bash", "skip", "needs a GPU"), (9, "sh", "output", ""), (12, "python", None, "")]
+    assert console_commands("$ echo a \\\n  b\na b\n$ ls\n") == "echo a \\\n  b\nls\n"
+    for bad in ["<!-- snippet: skip -->\n```sh\nx\n```\n",             # a skip needs its reason
+                "<!-- snippet: maybe (x) -->\n```sh\nx\n```\n",        # unknown kind
+                "<!-- snippet: output -->\ntext\n```sh\nx\n```\n",     # not followed by the fence
+                "```\nx\n```\n",                                      # no language
+                "```sh\nx\n"]:                                         # never closed
+        with pytest.raises(pytest.fail.Exception):
+            blocks_of(bad, "page.md")
