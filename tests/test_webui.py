@@ -1,11 +1,11 @@
-"""lycoft's webui extension (extensions/sd-webui-lycoft) in Forge, reForge and A1111.
+"""lycoft's webui extension (extensions/sd-webui-lycoft) in Forge, Forge Classic, reForge and A1111.
 
 Against the UIs' real code (`webui_worker.py`, one process per UI): set ``LYCOFT_FORGE_DIR`` /
-``LYCOFT_REFORGE_DIR`` / ``LYCOFT_A1111_DIR`` to a checkout of lllyasviel/stable-diffusion-webui-forge /
-Panchovix/stable-diffusion-webui-reForge / AUTOMATIC1111/stable-diffusion-webui (A1111: a folder holding at
-least its `extensions-builtin/Lora` files; they are not on PyPI, so CI skips these). What CI runs: the
-extension's Forge collection, reForge/Forge Classic registration and A1111 module type against minimal
-stand-ins of those interfaces.
+``LYCOFT_FORGE_CLASSIC_DIR`` / ``LYCOFT_REFORGE_DIR`` / ``LYCOFT_A1111_DIR`` to a checkout of
+lllyasviel/stable-diffusion-webui-forge / Haoming02/sd-webui-forge-classic / Panchovix/stable-diffusion-webui-reForge
+/ AUTOMATIC1111/stable-diffusion-webui (A1111: a folder holding at least its `extensions-builtin/Lora` files;
+they are not on PyPI, so CI skips these). What CI runs: the extension's Forge collection and `ldm_patched`
+hook, reForge/Forge Classic registration and A1111 module type against minimal stand-ins of those interfaces.
 """
 
 from __future__ import annotations
@@ -48,26 +48,40 @@ def test_forge_real_code(tmp_path):
     out = _worker("forge", os.environ["LYCOFT_FORGE_DIR"], tmp_path)
     print(json.dumps(out, indent=1))
     assert out["sd1-fp32"]["stock_oft_dropped"] and out["sd1-fp32"]["lora_unchanged"]
-    for case in ("sd1-fp32", "sd1-fp16", "sdxl-fp32", "sdxl-fp16"):
-        for s in STRENGTHS:
-            r = out[case][s]
-            assert r["layers"] == r["expected_layers"], (case, s)
-            assert r["worst_rel"] <= (1e-5 if case.endswith("fp32") else r["rounding"] + 1e-5), (case, s)
+    _assert_lycoft_merge(out)
 
 
 @pytest.mark.skipif(not os.environ.get("LYCOFT_REFORGE_DIR"), reason="set LYCOFT_REFORGE_DIR to a reForge checkout")
 def test_reforge_real_code(tmp_path):
     """Stock reForge ignores an OFT file's rescale even at strength 1, and reads its `tools/convert.py --ui-safe`
-    conversion right at strength 1; with the extension every layer is lycoft's merge at every strength, and a
-    LoRA file patches exactly as before."""
+    conversion right at strength 1; with the extension every layer is lycoft's merge at every strength (float32
+    and float16 models), and a LoRA file patches exactly as before."""
     out = _worker("reforge", os.environ["LYCOFT_REFORGE_DIR"], tmp_path)
     print(json.dumps(out, indent=1))
     assert out["sd1-fp32"]["stock_oft_s1_worst_rel"] > 0.05 and out["sd1-fp32"]["lora_unchanged"]
     assert out["sd1-fp32"]["stock_ui_safe_s1_worst_rel"] <= 1e-5
-    for case in ("sd1-fp32", "sdxl-fp32"):
+    _assert_lycoft_merge(out)
+
+
+@pytest.mark.skipif(not os.environ.get("LYCOFT_FORGE_CLASSIC_DIR"),
+                    reason="set LYCOFT_FORGE_CLASSIC_DIR to a Forge Classic checkout")
+def test_forge_classic_real_code(tmp_path):
+    """Stock Forge Classic drops an OFT file ("LoRA version mismatch"); with the extension every layer is
+    lycoft's merge at every strength, and a LoRA file patches exactly as before."""
+    out = _worker("forge_classic", os.environ["LYCOFT_FORGE_CLASSIC_DIR"], tmp_path)
+    print(json.dumps(out, indent=1))
+    assert out["sd1-fp32"]["stock_oft_dropped"] and out["sd1-fp32"]["lora_unchanged"]
+    _assert_lycoft_merge(out)
+
+
+def _assert_lycoft_merge(out: dict) -> None:
+    """Every layer changed, and to lycoft's merge: float32 models to float32 precision, float16 models to the
+    float32 merge rounded once to float16."""
+    for case in ("sd1-fp32", "sd1-fp16", "sdxl-fp32", "sdxl-fp16"):
         for s in STRENGTHS:
             r = out[case][s]
-            assert r["layers"] == r["expected_layers"] and r["worst_rel"] <= 1e-5, (case, s)
+            assert r["layers"] == r["expected_layers"], (case, s)
+            assert r["worst_rel"] <= (1e-5 if case.endswith("fp32") else r["rounding"] + 1e-5), (case, s)
 
 
 @pytest.mark.skipif(not os.environ.get("LYCOFT_A1111_DIR"),
@@ -137,6 +151,38 @@ def test_forge_collection_reads_oft_layers_and_hands_on_the_rest(webui, tmp_path
     W = torch.randn(32, 16)
     for m in (0.5, 1.0, -1.0):
         got = forge_lora.extra_weight_calculators[kind](W.clone(), m, payload)
+        assert rel(got, apply_spec(W, spec, m)) <= 1e-6
+
+
+def test_ldm_patched_hook_reads_oft_layers_and_hands_on_the_rest(webui, monkeypatch):
+    """Forge 1 / Forge Classic's interface: `ldm_patched.modules.lora.load_lora(lora, to_load)` ->
+    `(patches, remaining)`, `model_patcher.extra_weight_calculators[patch_type](weight, strength, payload)`."""
+    seen = {}
+
+    def stock_load_lora(lora, to_load):
+        seen.update(lora)
+        patches = {to_load[x]: ("lora", x) for x in to_load if f"{x}.lora_up.weight" in lora}
+        return patches, {k: v for k, v in lora.items() if not k.startswith("lora_unet_y.")}
+
+    lora = types.ModuleType("ldm_patched.modules.lora")
+    lora.load_lora = stock_load_lora
+    patcher = types.ModuleType("ldm_patched.modules.model_patcher")
+    patcher.extra_weight_calculators = {}
+    for name, module in (("ldm_patched", types.ModuleType("ldm_patched")),
+                         ("ldm_patched.modules", types.ModuleType("ldm_patched.modules")),
+                         ("ldm_patched.modules.lora", lora), ("ldm_patched.modules.model_patcher", patcher)):
+        monkeypatch.setitem(sys.modules, name, module)
+    assert webui.forge.install_ldm_patched() and webui.forge.install_ldm_patched()  # idempotent
+    assert lora.load_lora.__wrapped__ is stock_load_lora
+    tensors, spec = _oft_file()
+    to_load = {"lora_unet_x": "diffusion_model.x.weight", "lora_unet_y": "diffusion_model.y.weight"}
+    patches, remaining = lora.load_lora(TensorsWithMetadata(tensors, {}, "a.safetensors"), to_load)
+    assert patches["diffusion_model.y.weight"] == ("lora", "lora_unet_y") and not remaining
+    kind, payload = patches["diffusion_model.x.weight"]
+    assert not any(k.startswith("oft_unet_x") for k in seen)
+    W = torch.randn(32, 16)
+    for m in (0.5, 1.0, -1.0):
+        got = patcher.extra_weight_calculators[kind](W.clone(), m, payload)
         assert rel(got, apply_spec(W, spec, m)) <= 1e-6
 
 

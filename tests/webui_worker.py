@@ -1,6 +1,6 @@
 """Runs lycoft's webui extension inside one UI's real LoRA code, in a process of its own; prints JSON.
 
-    python tests/webui_worker.py forge|reforge|a1111 <UI checkout> <work dir>
+    python tests/webui_worker.py forge|reforge|forge_classic|a1111 <UI checkout> <work dir>
 
 Each UI is imported as it runs on a CPU (`--always-cpu`), with stand-ins only for modules of its GUI and
 webui state (`modules`, `gradio`, `launch`) and for packages of code never run here (`sentencepiece`,
@@ -16,6 +16,7 @@ it (`scripts/lycoft_oft.py`); the same files again, the OFT file at every streng
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import runpy
 import sys
@@ -219,13 +220,31 @@ def forge(root: Path, work: Path) -> dict:
     return results
 
 
-# -------------------------------------------------------------------------------------------------- reForge
+# ----------------------------------------------------------------------------------- reForge, Forge Classic
 def reforge(root: Path, work: Path) -> dict:
-    sys.path[:0] = [str(root)]
+    """reForge: its OFT adapters (ComfyUI's), then lycoft's; float32 and float16 models."""
+    return ldm_patched_ui("reforge", root, work)
+
+
+def forge_classic(root: Path, work: Path) -> dict:
+    """Forge Classic (Forge 1's `ldm_patched`, no OFT loader), through its Lora extension's
+    `networks.load_lora_state_dict` and `load_lora_for_models`; float32 and float16 models (its
+    `--clip-in-fp32` / `--unet-in-fp16 --clip-in-fp16`)."""
+    return ldm_patched_ui("forge_classic", root, work)
+
+
+def ldm_patched_ui(ui: str, root: Path, work: Path) -> dict:
+    classic = ui == "forge_classic"
+    sys.path[:0] = [str(root)] + ([str(root / "extensions-builtin" / "Lora")] if classic else [])
     sys.argv = ["webui", "--always-cpu"]
     import transformers  # noqa: F401
 
-    with stand_ins(("torchvision", "gradio", "launch"), modules=_webui_modules(work)):
+    modules = _webui_modules(work)
+    if classic:  # Forge 1's ldm_patched imports these webui modules too
+        for name in ("safe", "sd_vae_taesd", "paths_internal", "modelloader"):
+            modules[f"modules.{name}"] = _WebuiModule(f"modules.{name}")
+            setattr(modules["modules"], name, modules[f"modules.{name}"])
+    with stand_ins(("torchvision", "gradio", "launch"), modules=modules):
         import ldm_patched.modules.args_parser as args_parser
 
         args_parser.args.always_cpu = True
@@ -237,12 +256,15 @@ def reforge(root: Path, work: Path) -> dict:
         import ldm_patched.modules.supported_models as supported_models
         import ldm_patched.modules.supported_models_base as supported_models_base
         import ldm_patched.modules.utils as utils
+
+        networks = importlib.import_module("networks") if classic else None
     from comfy_family import load_checkpoint
     from safetensors.torch import load_file
 
     if not hasattr(sd1_clip.modeling_utils, "no_init_weights"):
-        # reForge pins transformers 4.48, whose CLIPTextModel has the `text_model.` wrapper and whose
-        # modeling_utils has no_init_weights; under transformers 5 the class with projection keeps that layout
+        # reForge pins transformers 4.48 (Forge Classic 4.46), whose CLIPTextModel has the `text_model.`
+        # wrapper and whose modeling_utils has no_init_weights; under transformers 5 the class with projection
+        # keeps that layout
         from transformers import CLIPTextModelWithProjection
 
         sd1_clip.CLIPTextModel = CLIPTextModelWithProjection
@@ -250,7 +272,7 @@ def reforge(root: Path, work: Path) -> dict:
 
     ns = types.SimpleNamespace(supported_models=supported_models, supported_models_base=supported_models_base,
                                sd1_clip=sd1_clip, sdxl_clip=sdxl_clip, utils=utils, sd=sd_mod,
-                               model_detection=model_detection)
+                               model_detection=model_detection, args=args_parser.args)
 
     def weights(model, clip) -> dict[str, torch.Tensor]:
         out = {}
@@ -261,34 +283,44 @@ def reforge(root: Path, work: Path) -> dict:
         return out
 
     def load(model, clip, path, s):
-        return sd_mod.load_lora_for_models(model, clip, load_file(path), s, s, filename=str(path))
+        # Forge Classic's Lora extension reads the file with its cached `load_lora_state_dict`
+        sd = networks.load_lora_state_dict(str(path)) if classic else load_file(path)
+        return sd_mod.load_lora_for_models(model, clip, sd, s, s, filename=str(path))
 
-    results: dict = {"ui": "reforge"}
+    results: dict = {"ui": ui}
     for family in FAMILIES:
-        model, clip = load_checkpoint(ns, checkpoint(family, work), family, torch.float32, vocab=None)
-        held = weights(model, clip)
-        keys = lora_mod.model_lora_keys_clip(clip.cond_stage_model, lora_mod.model_lora_keys_unet(model.model, {}))
-        adapter, layers = mixed_adapter(family, work, work / f"{family}-lycoft.safetensors")
-        lora = lora_file(family, keys, held, work / f"{family}-lora.safetensors")
-        specs, _ = read_adapter(str(adapter))
-        r = results.setdefault(f"{family}-fp32", {})
-        if "installed" not in results:
-            stock = weights(*load(model, clip, adapter, 1.0))
-            r["stock_oft_s1_worst_rel"] = compare(stock, lycoft_reference(specs, keys, held, 1.0))
-            ui_safe = work / f"{family}-lycoft-ui.safetensors"
-            convert_adapter(str(adapter), str(ui_safe), "lycoris", ui_safe=True, force=True)
-            stock = weights(*load(model, clip, ui_safe, 1.0))
-            r["stock_ui_safe_s1_worst_rel"] = compare(stock, lycoft_reference(specs, keys, held, 1.0))
-            stock_lora = weights(*load(model, clip, lora, 0.7))
-            install_extension()
-            results["installed"] = True
-            ext_lora = weights(*load(model, clip, lora, 0.7))
-            r["lora_unchanged"] = all(torch.equal(stock_lora[k], ext_lora[k]) for k in stock_lora)
-        for s in STRENGTHS:
-            got = weights(*load(model, clip, adapter, s))
-            changed = sum(not torch.equal(got[k], held[k]) for k in held)
-            r[str(s)] = {"layers": changed, "expected_layers": layers,
-                         "worst_rel": compare(got, lycoft_reference(specs, keys, held, s))}
+        for dtype_name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+            model, clip = load_checkpoint(ns, checkpoint(family, work), family, dtype, vocab=None)
+            held = weights(model, clip)
+            keys = lora_mod.model_lora_keys_clip(clip.cond_stage_model,
+                                                 lora_mod.model_lora_keys_unet(model.model, {}))
+            adapter, layers = mixed_adapter(family, work, work / f"{family}-lycoft.safetensors")
+            lora = lora_file(family, keys, held, work / f"{family}-lora.safetensors")
+            specs, _ = read_adapter(str(adapter))
+            r = results.setdefault(f"{family}-{dtype_name}", {})
+            if "installed" not in results:
+                stock_model, stock_clip = load(model, clip, adapter, 1.0)
+                if classic:
+                    r["stock_oft_dropped"] = stock_model is model and stock_clip is clip
+                else:
+                    stock = weights(stock_model, stock_clip)
+                    r["stock_oft_s1_worst_rel"] = compare(stock, lycoft_reference(specs, keys, held, 1.0))
+                    ui_safe = work / f"{family}-lycoft-ui.safetensors"
+                    convert_adapter(str(adapter), str(ui_safe), "lycoris", ui_safe=True, force=True)
+                    stock = weights(*load(model, clip, ui_safe, 1.0))
+                    r["stock_ui_safe_s1_worst_rel"] = compare(stock, lycoft_reference(specs, keys, held, 1.0))
+                stock_lora = weights(*load(model, clip, lora, 0.7))
+                install_extension()
+                results["installed"] = True
+                ext_lora = weights(*load(model, clip, lora, 0.7))
+                r["lora_unchanged"] = all(torch.equal(stock_lora[k], ext_lora[k]) for k in stock_lora)
+            for s in STRENGTHS:
+                got = weights(*load(model, clip, adapter, s))
+                changed = sum(not torch.equal(got[k], held[k]) for k in held)
+                ref = lycoft_reference(specs, keys, held, s)
+                r[str(s)] = {"layers": changed, "expected_layers": layers, "worst_rel": compare(got, ref),
+                             "rounding": max(rel(ref[k].to(held[k].dtype).float(), ref[k]) for k in ref),
+                             "dtypes": sorted({str(held[k].dtype) for k in ref})}
     return results
 
 
@@ -501,5 +533,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     ui, root, work = sys.argv[1], Path(sys.argv[2]).resolve(), Path(sys.argv[3])
     work.mkdir(parents=True, exist_ok=True)
-    out = {"forge": forge, "reforge": reforge, "a1111": a1111}[ui](root, work)
+    out = {"forge": forge, "reforge": reforge, "forge_classic": forge_classic, "a1111": a1111}[ui](root, work)
     print("LYCOFT-RESULT " + json.dumps(out))

@@ -8,6 +8,9 @@ Each UI is recognised by the module its LoRA loader uses, and hooked there:
   lycoft's (`lycoft.ui.comfy_adapter`), and their `load_lora` learns the OFT spellings it lacks;
 - Forge (`backend.patcher.lora` with `extra_weight_calculators`) has no OFT code: lycoft's layers are read
   first (a LoRA "collection" ahead of Forge's own) and merged by a weight calculator of their own;
+- Forge before its 2024 backend and the Forge Classic releases that keep it (`ldm_patched` without the
+  adapter list, `model_patcher.extra_weight_calculators`): the same, around `ldm_patched.modules.lora
+  .load_lora`; tried only when none of the above is there (reForge's `ldm_patched` has both);
 - A1111 (its Lora extension's `networks.module_types`) gets a network module type ahead of its own OFT type
   (`a1111`), tried only when none of the above is there.
 The file's metadata travels with its tensors (`networks.load_lora_state_dict`), so PEFT-style layers are
@@ -28,6 +31,8 @@ def install() -> list[str]:
     hooked = [name for name, hook in (("reForge", comfy_interface.install_reforge),
                                       ("Forge Classic", comfy_interface.install_forge_classic),
                                       ("Forge", forge.install)) if hook()]
+    if not hooked and forge.install_ldm_patched():
+        hooked = ["Forge Classic"]
     if hooked:
         state_dict.install()
     elif a1111.install():
