@@ -567,3 +567,64 @@ def test_sdxl_spellings_of_other_trainers(comfy, files, caplog):
         got = _loaded(comfy, model, clip, f"sdxl-{label}.safetensors", 0.5, caplog)
         assert got.keys() == reference.keys(), label
         assert all(torch.equal(got[k], reference[k]) for k in got), label
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+def _hooked_weights(patcher, root, hooks, keys) -> dict[str, torch.Tensor]:
+    """The weights `keys` of `root` while `patcher` has `hooks` applied (what the sampler / CLIP encoder does at
+    each step), then the hooks taken off again."""
+    patcher.apply_hooks(hooks, force_apply=True)
+    try:
+        held = root.state_dict()
+        return {k: held[k].detach().clone() for k in keys}
+    finally:
+        patcher.patch_hooks(None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hook_lora_applies_lycofts_merge_with_keyframes(comfy, files, family):
+    """"Create Hook LoRA" (ComfyUI's hooks: weight patches registered on the ModelPatcher and applied per sampling
+    step through `comfy.lora.calculate_weight`): every UNet layer is lycoft's merge at the hook's strength times
+    the current keyframe's ("Create Hook Keyframe" / "Set Hook Keyframes"), every text-encoder layer ("Set CLIP
+    Hooks") at the CLIP strength; the weights come back when the hooks are taken off."""
+    from comfy import hooks as comfy_hooks  # (the fixture is named comfy)
+    from comfy_extras.nodes_hooks import CreateHookKeyframe, CreateHookLora, SetClipHooks, SetHookKeyframes
+
+    model, clip = model_for(comfy, files, family, "fp32")
+    name = files[family]["lora"]
+    merged = {s: merged_reference(comfy, files, family, s, model) for s in STRENGTHS}
+    base = {**model.model.state_dict(), **clip.cond_stage_model.state_dict()}
+    specs = _spec_lookup(comfy, model, clip, read_adapter(str(comfy.loras / name))[0])
+    unet_keys = [k for k in specs if k in model.model.state_dict()]
+    clip_keys = [k for k in specs if k in clip.cond_stage_model.state_dict()]
+    assert len(unet_keys) + len(clip_keys) == files[family]["layers"]
+    worst = 0.0
+    # (hook strength, keyframe multiplier): the UNet's strength is their product
+    for strength, kf in ((0.5, None), (1.0, None), (1.5, None), (-1.0, None), (1.0, 0.5), (-0.5, 2.0), (1.5, 1.0)):
+        hooks = CreateHookLora().create_hook(name, strength, strength)[0]
+        if kf is not None:
+            keyframes = CreateHookKeyframe().create_hook_keyframe(kf, 0.0)[0]
+            hooks = SetHookKeyframes().set_hook_keyframes(hooks, keyframes)[0]
+        m2 = model.clone()
+        m2.register_all_hook_patches(hooks, comfy_hooks.create_target_dict(comfy_hooks.EnumWeightTarget.Model))
+        got = _hooked_weights(m2, m2.model, hooks, unet_keys)
+        c2 = SetClipHooks().apply_hooks(clip, False, False, hooks)[0]
+        got.update(_hooked_weights(c2.patcher, c2.cond_stage_model, c2.patcher.forced_hooks, clip_keys))
+        unet_strength = strength * (kf if kf is not None else 1.0)
+        for key, w in got.items():
+            s = unet_strength if key in unet_keys else strength
+            ref = merged[s][key] if s in merged else apply_spec(base[key], specs[key], s)
+            err = rel(w, ref)
+            worst = max(worst, err)
+            assert err <= FP32_TOL, (key, strength, kf)
+        restored = {**model.model.state_dict(), **clip.cond_stage_model.state_dict()}
+        assert all(torch.equal(restored[k], base[k]) for k in got)
+    with comfy.stock():  # the same hook without the extension: ComfyUI's OFT/BOFT adapters
+        hooks = CreateHookLora().create_hook(name, 0.5, 0.5)[0]
+        m2 = model.clone()
+        m2.register_all_hook_patches(hooks, comfy_hooks.create_target_dict(comfy_hooks.EnumWeightTarget.Model))
+        stock = _hooked_weights(m2, m2.model, hooks, unet_keys)
+    stock_worst = max(rel(w, merged[0.5][k]) for k, w in stock.items())
+    print(f"ComfyUI 0.30 Create Hook LoRA {family}: worst layer rel err {worst:.1e} (stock ComfyUI at 0.5: "
+          f"{stock_worst:.2f})")
+    assert stock_worst > 0.05
