@@ -5,12 +5,14 @@
 Each UI is imported as it runs on a CPU (`--always-cpu`), with stand-ins only for modules of its GUI and
 webui state (`modules`, `gradio`, `launch`) and for packages of code never run here (`sentencepiece`,
 `torchvision`). Its own model classes hold the tiny checkpoints (Forge: `IntegratedUNet2DConditionModel`
-from the LDM config of the tiny UNet, `IntegratedCLIP`; reForge: `load_state_dict_guess_config`, see
-`comfy_family`). The LoRA path is the UI's: Forge's `networks.load_lora_for_models` + `ModelPatcher`
-(`LoraLoader.refresh`, `merge_lora_to_weight`); reForge's `ldm_patched.modules.sd.load_lora_for_models` +
-`ModelPatcher.patch_model`; A1111's Lora extension (`networks.load_networks` + `network_apply_weights`, see
-`a1111`). Steps: a LoRA file and an OFT file through the stock UI; the extension installed as the webui loads
-it (`scripts/lycoft_oft.py`); the same files again, the OFT file at every strength.
+from the LDM config of the tiny UNet, `IntegratedCLIP`; reForge: `load_state_dict_guess_config`, Forge
+Classic: `load_checkpoint_guess_config`, see `comfy_family`). The LoRA path is the UI's: Forge's
+`networks.load_lora_for_models` + `ModelPatcher` (`LoraLoader.refresh`, `merge_lora_to_weight`); reForge's
+and Forge Classic's `ldm_patched.modules.sd.load_lora_for_models` + `ModelPatcher.patch_model` (Forge
+Classic: the file read by its Lora extension's `networks.load_lora_state_dict`); A1111's Lora extension
+(`networks.load_networks` + `network_apply_weights`, see `a1111`). Steps: a LoRA file and an OFT file
+through the stock UI; the extension installed as the webui loads it (`scripts/lycoft_oft.py`); the same
+files again, the OFT file at every strength.
 """
 
 from __future__ import annotations
