@@ -68,3 +68,19 @@ def test_full_size_models_build_and_take_every_adapter_on_the_meta_device():
         params, desc = train_step.inject(method, unet, tes, names, "full")
         assert desc.startswith(f"{len(names[0]) + len(names[1])} layers"), (method, desc)
         assert params and all(p.is_meta for p in params)
+
+
+def test_quality_on_the_toy_model_measures_what_each_rotation_side_keeps(tmp_path):
+    """A rotation of the inputs keeps the angles between the neurons (rows: their energy does not move),
+    one of the outputs keeps the columns'; LoRA keeps neither."""
+    import quality
+
+    out = tmp_path / "quality.md"
+    assert quality.main(["--methods", "lycoft-oft,lycoft-oft-input,lora-r8", "--steps", "3", "--learning-rates",
+                         "0.01", "--seeds", "0", "--sample-steps", "2", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert abs(rows["lycoft-oft-input"]["energy_rows"]) < 1e-8 < abs(rows["lycoft-oft-input"]["energy_cols"])
+    assert abs(rows["lycoft-oft"]["energy_cols"]) < 1e-8 < abs(rows["lycoft-oft"]["energy_rows"])
+    assert min(abs(rows["lora-r8"]["energy_rows"]), abs(rows["lora-r8"]["energy_cols"])) > 1e-8
+    assert all(0 < rows[m]["drift_pixels"] for m in ("lycoft-oft", "lycoft-oft-input", "lora-r8"))
+    assert "| lycoft-oft-input | 0.01 | 3 |" in out.read_text()

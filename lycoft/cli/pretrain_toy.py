@@ -58,7 +58,8 @@ def _report(info: dict) -> str:
         "An SD1-architecture model (the builtin tiny shapes: 64x64 images, 8x8 latents) trained from scratch "
         "on procedural scenes: one small or big red, green, blue or yellow circle, square or triangle on the left, "
         "right, top, bottom or in the middle of a grey background, captioned \"a big red circle\" (the place is "
-        "not captioned). The cross is kept back as a concept to teach.",
+        "not captioned). The cross and magenta are kept back as concepts to teach (the VAE, a general image "
+        "codec, learnt them; the UNet and text encoder never saw them).",
         "",
         f"- file: {info['file_bytes'] / 2**20:.2f} MiB, float16, sha256 `{info['sha256']}`",
         f"- made by: `python tools/pretrain_toy.py` in {m['total_seconds'] / 60:.1f} min "

@@ -1,9 +1,9 @@
-"""Teach ``builtin:toy-sd1`` a shape it never saw, and measure what was learnt and what was forgotten.
+"""Teach ``builtin:toy-sd1`` something it never saw, and measure what was learnt and what was forgotten.
 
-The concept is `data.NEW_SHAPE` (a cross) under a new word (`CONCEPT`, "sks"). The measures, all at
-fixed seeds and scored by the toy judge:
+A concept is a new shape (`data.NEW_SHAPE`, a cross) or a new colour (`data.NEW_COLOUR`, magenta) under
+a new word, "sks". The measures, all at fixed seeds and scored by the toy judge:
 
-* concept: how often "a big red sks"-style prompts show a cross (and the prompted colour and size);
+* concept: how often the concept's prompts ("a big red sks" / "a big sks circle") show it;
 * retention: how often the old prompts ("a small green square") still show what they name;
 * drift: how far the old prompts' images moved from the base model's (pixels, judge features).
 """
@@ -17,26 +17,47 @@ from typing import Any
 
 from PIL import Image
 
-from .data import NEW_SHAPE, random_scenes, write_scenes
+from .data import BASE_SHAPES, NEW_COLOUR, NEW_SHAPE, random_scenes, write_scenes
 from .judge import Judge
 from .scoring import Prompted, drift, judge_accuracy, prompt_grid, prompted, sample
 
-CONCEPT = "sks"
+
+@dataclass(frozen=True)
+class Concept:
+    """What is new (`attribute` = "shape" or "colour", `value`), and the word that names it."""
+
+    attribute: str
+    value: str
+    word: str = "sks"
+
+    @property
+    def _words(self) -> dict[str, str]:
+        return {f"{self.attribute}_word": self.word}
+
+    def scenes(self, n: int, seed: int) -> list:
+        """`n` random scenes showing the concept (the other attributes drawn from the old ones)."""
+        if self.attribute == "shape":
+            return random_scenes(n, seed, [self.value])
+        return random_scenes(n, seed, BASE_SHAPES, colours=[self.value])
+
+    def prompts(self, seeds: Sequence[int] = (0, 1)) -> list[Prompted]:
+        """The concept with every old value of the other attributes, at each seed."""
+        grid = prompt_grid([self.value]) if self.attribute == "shape" else prompt_grid(colours=[self.value])
+        return prompted(grid, seeds, **self._words)
+
+    def data(self, folder: str | Path, n: int = 8, seed: int = 7) -> Path:
+        """`n` pictures of the concept captioned with its word ("a big blue sks"), in the DreamBooth folder
+        layout; returns `folder`."""
+        return write_scenes(folder, self.scenes(n, seed), name=self.word, **self._words)
 
 
-def concept_data(folder: str | Path, n: int = 8, seed: int = 7) -> Path:
-    """`n` pictures of the new shape in random colours, sizes and places, captioned with `CONCEPT`
-    ("a big blue sks"), in the DreamBooth folder layout; returns `folder`."""
-    return write_scenes(folder, random_scenes(n, seed, [NEW_SHAPE]), token=CONCEPT)
-
-
-def concept_prompts(seeds: Sequence[int] = (0, 1)) -> list[Prompted]:
-    """"sks" in every colour and size, at each seed."""
-    return prompted(prompt_grid([NEW_SHAPE]), seeds=seeds, shape_word=CONCEPT)
+NEW_SHAPE_CONCEPT = Concept("shape", NEW_SHAPE)
+NEW_COLOUR_CONCEPT = Concept("colour", NEW_COLOUR)
+CONCEPTS = {"shape": NEW_SHAPE_CONCEPT, "colour": NEW_COLOUR_CONCEPT}
 
 
 def old_prompts(seeds: Sequence[int] = (0,)) -> list[Prompted]:
-    """Every old shape in every colour and size, at each seed."""
+    """Every old shape in every old colour and size, at each seed."""
     return prompted(prompt_grid(), seeds=seeds)
 
 

@@ -7,8 +7,9 @@ middle) varies too but is not captioned: placing things where a prompt says need
 its translation symmetry, which a model this small does not learn in a CPU budget (even SD1.5 follows
 "on the left" poorly); size, colour and shape it learns.
 
-The pretrained toy model sees `BASE_SHAPES` only; `NEW_SHAPE` (a cross) is kept back as the concept
-an adapter has to learn, and the judge knows all of `SHAPES`.
+The pretrained toy model's denoiser sees `BASE_SHAPES` in `BASE_COLOURS` only; `NEW_SHAPE` (a cross)
+and `NEW_COLOUR` (magenta) are kept back as concepts an adapter has to learn. The judge and the VAE (a
+general image codec, as SD's is) know all of `SHAPES` and `COLOURS`.
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "green": (30, 160, 50),
     "blue": (40, 70, 215),
     "yellow": (240, 205, 30),
+    "magenta": (220, 40, 200),
 }
-SIZES: dict[str, tuple[float, float]] = {"small": (0.12, 0.14), "big": (0.19, 0.22)}  # radius / image side
+NEW_COLOUR = "magenta"
+BASE_COLOURS: tuple[str, ...] = tuple(c for c in COLOURS if c != NEW_COLOUR)
+SIZES: dict[str, tuple[float, float]] = {"small": (0.145, 0.16), "big": (0.21, 0.23)}  # radius / image side
 # Place name -> (centre x, centre y) as fractions of the image.
 POSITIONS: dict[str, tuple[float, float]] = {
-    "left": (0.27, 0.5),
-    "right": (0.73, 0.5),
-    "top": (0.5, 0.27),
-    "bottom": (0.5, 0.73),
+    "left": (0.28, 0.5),
+    "right": (0.72, 0.5),
+    "top": (0.5, 0.28),
+    "bottom": (0.5, 0.72),
     "middle": (0.5, 0.5),
 }
 SUPERSAMPLE = 4  # shapes are drawn at 4x and reduced, for smooth (anti-aliased) edges
@@ -52,16 +56,17 @@ class Scene:
     colour: str
     size: str = "big"
     position: str = "middle"
-    radius: float = 0.2
+    radius: float = 0.22
     dx: float = 0.0
     dy: float = 0.0
     background: int = 170
     texture: int = 0
 
-    def caption(self, with_size: bool = True, shape_word: str | None = None) -> str:
-        """``"a big red circle"``; `shape_word` replaces the shape's name (e.g. ``"sks"``)."""
+    def caption(self, with_size: bool = True, shape_word: str | None = None, colour_word: str | None = None) -> str:
+        """``"a big red circle"``; `shape_word` / `colour_word` replace the shape's / colour's name (e.g.
+        with ``"sks"``)."""
         size = f"{self.size} " if with_size else ""
-        return f"a {size}{self.colour} {shape_word or self.shape}"
+        return f"a {size}{colour_word or self.colour} {shape_word or self.shape}"
 
 
 def random_scene(rng: random.Random, shapes: Sequence[str] = BASE_SHAPES, colours: Sequence[str] | None = None,
@@ -71,12 +76,12 @@ def random_scene(rng: random.Random, shapes: Sequence[str] = BASE_SHAPES, colour
     size = rng.choice(list(sizes or SIZES))
     return Scene(
         shape=rng.choice(list(shapes)),
-        colour=rng.choice(list(colours or COLOURS)),
+        colour=rng.choice(list(colours or BASE_COLOURS)),
         size=size,
         position=rng.choice(list(POSITIONS)),
         radius=rng.uniform(*SIZES[size]),
-        dx=rng.uniform(-0.04, 0.04),
-        dy=rng.uniform(-0.04, 0.04),
+        dx=rng.uniform(-0.03, 0.03),
+        dy=rng.uniform(-0.03, 0.03),
         background=rng.randint(120, 200),
         texture=rng.randrange(2**31),
     )
@@ -148,16 +153,16 @@ def to_tensor(images: Sequence[Image.Image], size: int = 64) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def write_scenes(directory: str | Path, scenes: Sequence[Scene], *, size: int = 64, token: str | None = None,
-                 repeats: int = 1, with_size: bool = True) -> Path:
+def write_scenes(directory: str | Path, scenes: Sequence[Scene], *, size: int = 64, repeats: int = 1,
+                 name: str = "scenes", **caption: object) -> Path:
     """Write the scenes as PNGs with ``.txt`` captions into ``directory/<repeats>_<name>/`` (the
-    DreamBooth folder layout the trainer reads); `token` replaces the shape's name in the captions.
-    Returns `directory`, ready for ``--train_data_dir directory --caption_extension .txt``."""
+    DreamBooth folder layout the trainer reads); `caption` goes to `Scene.caption` (e.g.
+    ``shape_word="sks"``). Returns `directory`, ready for ``--train_data_dir directory``."""
     directory = Path(directory)
-    folder = directory / f"{repeats}_{token or 'scenes'}"
+    folder = directory / f"{repeats}_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(scenes):
         render_scene(scene, size).save(folder / f"scene_{i:04d}.png")
-        text = scene.caption(with_size=with_size, shape_word=token)
+        text = scene.caption(**caption)  # type: ignore[arg-type]
         (folder / f"scene_{i:04d}.txt").write_text(text + "\n", encoding="utf-8")
     return directory

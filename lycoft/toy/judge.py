@@ -2,9 +2,9 @@
 
 It scores samples of the toy model (does "a big red circle" show a big red circle?),
 and its penultimate features measure how far two images are apart in content rather than in pixels.
-It is trained on rendered scenes of every shape in `data.SHAPES` (also the one the toy model never
-saw), blurred, noised and shifted a little, so that soft, imperfect samples are still read correctly.
-The trained weights ship beside this file (``judge.safetensors``, about 0.2 MB).
+It is trained on rendered scenes of every shape and colour (also those the toy model never saw),
+blurred, noised and shifted a little, so that soft, imperfect samples are still read correctly.
+The trained weights ship beside this file (``judge.safetensors``, about 0.4 MB).
 """
 
 from __future__ import annotations
@@ -29,21 +29,22 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 PROMPTED = ("shape", "colour", "size")  # what captions name (the place is not captioned)
 SIZE = 64  # the judge's input side; other sizes are resized
+FEATURES = 128
 
 
 class Judge(nn.Module):
     """Four stride-2 convolutions (64 -> 4 px) and one linear head per attribute.
 
     ``forward(x)`` takes ``(N, 3, 64, 64)`` images in [-1, 1] and returns attribute -> ``(N, classes)``
-    logits; ``features(x)`` the ``(N, 256)`` vector the heads read.
+    logits; ``features(x)`` the ``(N, 128)`` vector the heads read.
     """
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, 4 * width]
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(chans, chans[1:]))
-        self.squeeze = nn.Linear(chans[-1] * 16, 256)
-        self.heads = nn.ModuleDict({name: nn.Linear(256, len(classes)) for name, classes in ATTRIBUTES.items()})
+        self.squeeze = nn.Linear(chans[-1] * 16, FEATURES)
+        self.heads = nn.ModuleDict({name: nn.Linear(FEATURES, len(classes)) for name, classes in ATTRIBUTES.items()})
 
     def features(self, x: Tensor) -> Tensor:
         for conv in self.convs:
@@ -89,7 +90,7 @@ def train_judge(recipe: JudgeRecipe = JudgeRecipe(), log=print) -> Judge:
     """Train a judge on `recipe.images` random scenes of every shape (deterministic on one thread)."""
     torch.manual_seed(recipe.seed)
     judge = Judge()
-    scenes = random_scenes(recipe.images, recipe.seed, SHAPES)
+    scenes = random_scenes(recipe.images, recipe.seed, SHAPES, colours=list(COLOURS))
     x_all = to_tensor([render_scene(s, SIZE) for s in scenes])
     y_all = _labels(scenes)
     opt = torch.optim.AdamW(judge.parameters(), lr=recipe.lr, weight_decay=1e-4)
@@ -141,7 +142,7 @@ def read_images(judge: Judge, images: Sequence[Image.Image] | Tensor) -> list[di
 
 @torch.no_grad()
 def image_features(judge: Judge, images: Sequence[Image.Image] | Tensor) -> Tensor:
-    """The judge's ``(N, 256)`` features of each image (for content distances)."""
+    """The judge's ``(N, 128)`` features of each image (for content distances)."""
     x = images if isinstance(images, Tensor) else to_tensor(images, SIZE)
     return judge.features(x)
 
@@ -154,7 +155,7 @@ def accuracy(judge: Judge, images: Sequence[Image.Image], scenes: Sequence[Scene
 
 
 def held_out_accuracy(judge: Judge, n: int = 1000, seed: int = 99) -> dict[str, float]:
-    """Accuracy on `n` fresh rendered scenes of every shape (a seed the training did not use)."""
-    scenes = random_scenes(n, seed, SHAPES)
+    """Accuracy on `n` fresh rendered scenes of every shape and colour (a seed the training did not use)."""
+    scenes = random_scenes(n, seed, SHAPES, colours=list(COLOURS))
     return accuracy(judge, [render_scene(s, SIZE) for s in scenes], scenes)
 

@@ -4,8 +4,9 @@ The architecture is the builtin tiny SD1 model's (diffusers ``UNet2DConditionMod
 + CLIP text encoder with the tiny byte-level vocabulary, 64x64 images, 8x8 latents), so the checkpoint
 loads anywhere the tiny model does. Read top to bottom:
 
-1. render the training scenes (`data.BASE_SHAPES` only: the cross stays new to the model);
-2. train the VAE to reconstruct them (first on 32 px crops, cheap, then on whole images);
+1. render the training scenes: every shape and colour for the VAE (a general image codec, as SD's is),
+   `data.BASE_SHAPES` in `data.BASE_COLOURS` for the denoiser (the cross and magenta stay new to it);
+2. train the VAE to reconstruct its scenes (first on 32 px crops, cheap, then on whole images);
 3. rescale its latents so that ``latents * scaling_factor`` has zero mean and unit variance per channel
    (folded exactly into ``quant_conv`` / ``post_quant_conv``);
 4. train the UNet and the text encoder together on the scenes' latents to predict the noise (epsilon),
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import BASE_SHAPES, Scene, random_scenes, render_scene, to_tensor
+from .data import BASE_SHAPES, COLOURS, SHAPES, Scene, random_scenes, render_scene, to_tensor
 
 Log = Callable[[str], None]
 THREADS = 1  # the toy model's tensors are too small to gain from more, and one thread keeps runs repeatable
@@ -42,11 +43,12 @@ class Recipe:
 
     Fields:
         seed: seeds the weights' initialisation, the scenes and every random draw of training.
-        images: number of rendered training scenes (the VAE and the UNet see the same set).
+        images: number of rendered training scenes (of each set: the VAE's and the denoiser's).
         vae_crop_steps, vae_crop_batch: VAE steps on 32x32 crops (a quarter of the cost of whole images).
         vae_steps, vae_batch: VAE steps on whole 64x64 images afterwards (the mid-block attention and the
             borders see what they will see at sampling time).
         vae_lr: peak learning rate of the VAE (one-cycle schedule).
+        object_weight: extra weight of coloured (shape) pixels in the VAE's reconstruction loss.
         kl_weight: weight of the VAE's KL term (small, as in SD: latents stay informative).
         unet_steps, unet_batch, unet_lr: denoiser training (UNet and text encoder together).
         caption_dropout: fraction of captions replaced by "" (what classifier-free guidance subtracts).
@@ -58,15 +60,16 @@ class Recipe:
 
     seed: int = 0
     images: int = 3000
-    vae_crop_steps: int = 900
+    vae_crop_steps: int = 1000
     vae_crop_batch: int = 8
-    vae_steps: int = 300
+    vae_steps: int = 1000
     vae_batch: int = 4
     vae_lr: float = 2e-3
+    object_weight: float = 5.0
     kl_weight: float = 1e-6
-    unet_steps: int = 2500
+    unet_steps: int = 3000
     unet_batch: int = 32
-    unet_lr: float = 1e-3
+    unet_lr: float = 2e-3
     caption_dropout: float = 0.1
     size_dropout: float = 0.2
     min_snr_gamma: float = 5.0
@@ -98,10 +101,15 @@ def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> Any:
 # ------------------------------------------------------------------------------------------ VAE
 
 
-def _vae_step(vae: nn.Module, x: Tensor, g: torch.Generator, kl_weight: float) -> Tensor:
+def _vae_step(vae: nn.Module, x: Tensor, g: torch.Generator, recipe: Recipe) -> Tensor:
     posterior = vae.encode(x).latent_dist
     reconstruction = vae.decode(posterior.sample(generator=g)).sample
-    return F.mse_loss(reconstruction, x) + kl_weight * posterior.kl().mean()
+    # The shapes are a few percent of the pixels but all of the content: weigh pixels by their colour
+    # saturation (grey background ~0, shapes 0.5-0.8), so that colours and corners are learnt first.
+    saturation = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 2
+    weight = 1 + recipe.object_weight * saturation
+    mse = (weight * (reconstruction - x).pow(2)).mean() / weight.mean()
+    return mse + recipe.kl_weight * posterior.kl().mean()
 
 
 def train_vae(vae: nn.Module, images: Tensor, recipe: Recipe, g: torch.Generator, log: Log) -> float:
@@ -118,7 +126,7 @@ def train_vae(vae: nn.Module, images: Tensor, recipe: Recipe, g: torch.Generator
                 # Crops on the 8-px latent grid, so that the encoder sees aligned patches.
                 top, left = (torch.randint(0, (x.shape[-1] - crop) // 8 + 1, (2,), generator=g) * 8).tolist()
                 x = x[:, :, top:top + crop, left:left + crop]
-            loss = _vae_step(vae, x, g, recipe.kl_weight)
+            loss = _vae_step(vae, x, g, recipe)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -266,13 +274,15 @@ def _pretrain(recipe: Recipe, log: Log) -> Pretrained:
     started, cpu_started = time.perf_counter(), time.process_time()
     pipe = build_tiny_pipeline("sd1", seed=recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
+    codec_scenes = random_scenes(recipe.images, recipe.seed + 1, SHAPES, colours=list(COLOURS))
+    codec_images = to_tensor([render_scene(s) for s in codec_scenes])
+    t = time.perf_counter()
+    vae_loss = train_vae(pipe.vae, codec_images, recipe, g, log)
+    vae_seconds = time.perf_counter() - t
+    del codec_images
+
     scenes = random_scenes(recipe.images, recipe.seed, BASE_SHAPES)
     images = to_tensor([render_scene(s) for s in scenes])
-    log(f"rendered {len(scenes)} scenes")
-
-    t = time.perf_counter()
-    vae_loss = train_vae(pipe.vae, images, recipe, g, log)
-    vae_seconds = time.perf_counter() - t
     latent_mean, latent_std = normalise_latents(pipe.vae, images)
     latents = encode_scenes(pipe.vae, images)
 
@@ -298,8 +308,25 @@ def save_toy_checkpoint(pipe: Any, path: str | Path, recipe: Recipe) -> Path:
     from lycoft.checkpoints.loading import save_single_file
 
     metadata = {"lycoft.toy.recipe": json.dumps(asdict(recipe), sort_keys=True),
-                "modelspec.description": "lycoft toy SD1 model: coloured shapes at named places, 64x64"}
-    return save_single_file(pipe, path, "sd1", dtype=torch.float16, metadata=metadata)
+                "modelspec.description": "lycoft toy SD1 model: small and big coloured shapes, 64x64"}
+    path = save_single_file(pipe, path, "sd1", dtype=torch.float16, metadata=metadata)
+    _sort_header(path)
+    return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place: the writer emits the metadata in hash
+    order, which differs from run to run; sorted, the same tensors give the same bytes. The header keeps
+    its length (same content, padded with spaces), so the tensor data does not move."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise ValueError(f"{path}: the sorted safetensors header is longer than the original; not rewritten")
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 def file_size_mb(path: str | Path) -> float:

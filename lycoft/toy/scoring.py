@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from .data import BASE_SHAPES, COLOURS, SIZES, Scene, to_tensor
+from .data import BASE_COLOURS, BASE_SHAPES, SIZES, Scene, to_tensor
 from .judge import PROMPTED, Judge, image_features, read_images
 
 SAMPLER = "euler_a"
@@ -26,25 +26,27 @@ def prompt_grid(shapes: Sequence[str] = BASE_SHAPES, colours: Sequence[str] | No
                 sizes: Sequence[str] | None = None) -> list[Scene]:
     """One scene per (shape, colour, size) combination, in a fixed order."""
     return [Scene(shape=s, colour=c, size=z)
-            for s, c, z in itertools.product(shapes, colours or list(COLOURS), sizes or list(SIZES))]
+            for s, c, z in itertools.product(shapes, colours or list(BASE_COLOURS), sizes or list(SIZES))]
 
 
 @dataclass(frozen=True)
 class Prompted:
-    """What to render: a scene's caption (with `shape_word` for its shape, e.g. "sks") and a seed."""
+    """What to render: a scene's caption (with `shape_word` / `colour_word` for its shape / colour, e.g.
+    "sks") and a seed."""
 
     scene: Scene
     seed: int
     shape_word: str | None = None
+    colour_word: str | None = None
 
     @property
     def prompt(self) -> str:
-        return self.scene.caption(shape_word=self.shape_word)
+        return self.scene.caption(shape_word=self.shape_word, colour_word=self.colour_word)
 
 
-def prompted(scenes: Sequence[Scene], seeds: Sequence[int] = (0,), shape_word: str | None = None) -> list[Prompted]:
-    """Every scene at every seed."""
-    return [Prompted(s, seed, shape_word) for s in scenes for seed in seeds]
+def prompted(scenes: Sequence[Scene], seeds: Sequence[int] = (0,), **words: str) -> list[Prompted]:
+    """Every scene at every seed (`words`: ``shape_word=`` / ``colour_word=``)."""
+    return [Prompted(s, seed, **words) for s in scenes for seed in seeds]
 
 
 def sample(pipe: Any, items: Sequence[Prompted], *, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
@@ -60,6 +62,7 @@ def sample(pipe: Any, items: Sequence[Prompted], *, steps: int = SAMPLE_STEPS, g
     from lycoft.training.sampling import default_conditioner, make_sampler
 
     conditioner = default_conditioner(pipe)
+    pipe.set_progress_bar_config(disable=True)
     original = pipe.scheduler
     pipe.scheduler = make_sampler(sampler, original.config)
     images: list[Image.Image] = []
