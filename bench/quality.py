@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import lycoft  # noqa: E402
 from lycoft.checkpoints.loading import load_pipeline  # noqa: E402
+from lycoft.ops.energy import hyperspherical_energy  # noqa: E402
 from lycoft.toy import concept as toy_concept  # noqa: E402
 from lycoft.toy.data import to_tensor  # noqa: E402
 from lycoft.toy.judge import image_features, load_judge, read_images  # noqa: E402
@@ -195,14 +196,6 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return y.reshape(n_in, -1).T
 
 
-def hyperspherical_energy(w: torch.Tensor) -> float:
-    """Sum over pairs of rows of 1 / distance, the rows scaled to unit length (float64)."""
-    u = F.normalize(w.double(), dim=1)
-    d = torch.cdist(u, u)
-    off = ~torch.eye(len(u), dtype=torch.bool)
-    return float((1.0 / d[off].clamp(min=1e-12)).sum() / 2)
-
-
 def energies(unet: nn.Module, names: list[str]) -> tuple[float, float]:
     """(row energy, column energy) summed over the adapted layers."""
     modules = dict(unet.named_modules())
@@ -210,7 +203,7 @@ def energies(unet: nn.Module, names: list[str]) -> tuple[float, float]:
     for n in names:
         w = effective_weight(modules[n])
         rows += hyperspherical_energy(w)
-        cols += hyperspherical_energy(w.T)
+        cols += hyperspherical_energy(w, columns=True)
     return rows, cols
 
 
