@@ -49,7 +49,7 @@ import lycoft  # noqa: E402
 from lycoft.checkpoints.loading import load_pipeline  # noqa: E402
 from lycoft.ops.energy import hyperspherical_energy  # noqa: E402
 from lycoft.toy import concept as toy_concept  # noqa: E402
-from lycoft.toy.data import to_tensor  # noqa: E402
+from lycoft.toy.data import Scene, parse_caption, to_tensor  # noqa: E402
 from lycoft.toy.judge import image_features, load_judge, read_images  # noqa: E402
 from lycoft.toy.scoring import Prompted, sample  # noqa: E402
 from lycoft.training.sampling import default_conditioner  # noqa: E402
@@ -86,12 +86,23 @@ class ToyScorer:
         return sum(s[self.taught.attribute] == self.taught.value for s in seen) / len(images)
 
     def retention(self, images: Sequence[Any], items: Sequence[Prompted]) -> float:
+        scenes = [it.scene if isinstance(it.scene, Scene) else parse_caption(it.prompt) for it in items]
+        unread = [it.prompt for it, scene in zip(items, scenes) if scene is None]
+        if unread:
+            raise SystemExit(f"error: the toy judge cannot score the prompt {unread[0]!r}; write old prompts as "
+                             "\"a big red circle\" (size, colour, shape), or score with --clip")
         seen = read_images(self.judge, images)
-        return sum(all(s[k] == getattr(it.scene, k) for k in ("shape", "colour", "size"))
-                   for s, it in zip(seen, items)) / len(images)
+        return sum(all(s[k] == getattr(scene, k) for k in ("shape", "colour", "size"))
+                   for s, scene in zip(seen, scenes)) / len(images)
 
     def features(self, images: Sequence[Any]) -> torch.Tensor:
         return image_features(self.judge, images)
+
+
+def _projected(output: Any) -> torch.Tensor:
+    """CLIP's projected embedding: transformers 4 returns the tensor, transformers 5 an output object that
+    holds it as `pooler_output`."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 class ClipScorer:
@@ -107,12 +118,12 @@ class ClipScorer:
     @torch.no_grad()
     def features(self, images: Sequence[Any]) -> torch.Tensor:
         pixels = self.processor(images=list(images), return_tensors="pt").pixel_values
-        return self.model.get_image_features(pixel_values=pixels)
+        return _projected(self.model.get_image_features(pixel_values=pixels))
 
     @torch.no_grad()
     def _similarity(self, images: Sequence[Any], items: Sequence[Prompted]) -> float:
         text = self.processor(text=[it.prompt for it in items], return_tensors="pt", padding=True)
-        t = F.normalize(self.model.get_text_features(**text), dim=-1)
+        t = F.normalize(_projected(self.model.get_text_features(**text)), dim=-1)
         i = F.normalize(self.features(images), dim=-1)
         return float((t * i).sum(-1).mean())
 
@@ -334,7 +345,7 @@ class _Text:
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def caption(self, shape_word: str | None = None) -> str:
+    def caption(self, **words: object) -> str:
         return self.text
 
 

@@ -69,6 +69,18 @@ class Scene:
         return f"a {size}{colour_word or self.colour} {shape_word or self.shape}"
 
 
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption names (``"a big red circle"``, size optional, case and spacing free), or None
+    when it is not a caption of the toy world: how a prompt given as text is scored by the judge."""
+    words = text.lower().replace(",", " ").split()
+    if words[:1] in (["a"], ["an"]):
+        words = words[1:]
+    size = words.pop(0) if words and words[0] in SIZES else "big"
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+        return None
+    return Scene(shape=words[1], colour=words[0], size=size)
+
+
 def random_scene(rng: random.Random, shapes: Sequence[str] = BASE_SHAPES, colours: Sequence[str] | None = None,
                  sizes: Sequence[str] | None = None) -> Scene:
     """A scene with shape, colour and size drawn from the given choices, and random place, radius,
