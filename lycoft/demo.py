@@ -4,8 +4,9 @@
 
 ``builtin:toy-sd1`` draws small and big red, green, blue and yellow circles, squares and triangles.
 The demo writes 8 pictures of a new colour (magenta; ``--concept shape``: a new shape, a cross) named
-by a new word ("a big sks circle"), trains an OFT adapter on them with the same code as
-``accelerate launch train_network.py`` (the settings are those of ``configs/tiny-demo.toml``), then
+by a new word ("a big sks circle") and 16 pictures of the old shapes for prior preservation, trains an
+OFT adapter on them with the same code as ``accelerate launch train_network.py`` (the settings are those
+of ``configs/tiny-demo.toml``), then
 samples the base and the adapted model at fixed seeds and lets the toy judge score them: how often the
 "sks" prompts show the concept (what was learnt), and how far the old prompts' images moved (what was
 forgotten). ``samples.png`` shows the same; a checkpoint with the adapter baked in is written through
@@ -28,7 +29,8 @@ DEMO_SETTINGS: dict[str, Any] = {
     "caption_extension": ".txt",
     "train_batch_size": 4,
     "max_train_steps": 120,
-    "learning_rate": 1e-2,
+    "learning_rate": 1e-4,
+    "prior_loss_weight": 1.0,
     "lr_scheduler": "constant_with_warmup",
     "lr_warmup_steps": 10,
     "network_args": ["algo=oft", "block_size=8", "preset=full", "exclude=conv_out$"],
@@ -51,7 +53,7 @@ def run(out: str | Path, steps: int | None = None, concept_name: str = CONCEPT) 
 
     import torch
 
-    from lycoft.toy.concept import CONCEPTS, compare, old_prompts
+    from lycoft.toy.concept import CONCEPTS, compare, demo_data, old_prompts
     from lycoft.toy.judge import load_judge
     from lycoft.toy.scoring import prompted, sample
     from lycoft.training.config import config_from_dict
@@ -66,8 +68,8 @@ def run(out: str | Path, steps: int | None = None, concept_name: str = CONCEPT) 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     taught = CONCEPTS[concept_name]
-    data = taught.data(out / "data")
-    settings = dict(DEMO_SETTINGS, train_data_dir=str(data), output_dir=str(out))
+    data, prior = demo_data(out / "data", concept_name)
+    settings = dict(DEMO_SETTINGS, train_data_dir=str(data), reg_data_dir=str(prior), output_dir=str(out))
     if steps is not None:
         settings["max_train_steps"] = steps
     result = train(config_from_dict(settings, where="the demo settings"))
@@ -105,6 +107,7 @@ def run(out: str | Path, steps: int | None = None, concept_name: str = CONCEPT) 
           "judge's features")
     files.update(_merge(result.adapter, out))
     files["training data"] = data
+    files["prior-preservation pictures"] = prior
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return files
 

@@ -51,6 +51,20 @@ class Concept:
         return write_scenes(folder, self.scenes(n, seed), name=self.word, **self._words)
 
 
+def prior_data(folder: str | Path, n: int = 16, seed: int = 11) -> Path:
+    """`n` pictures of the old shapes and colours with their own captions ("a small green square"): the
+    regularization images of DreamBooth's prior preservation, which remind the model of what it could draw
+    while it learns the new word. Written in the DreamBooth folder layout; returns `folder`."""
+    return write_scenes(folder, random_scenes(n, seed), name="old")
+
+
+def demo_data(folder: str | Path, concept: str = "colour") -> tuple[Path, Path]:
+    """The demo's data: pictures of the concept (``folder/sks``) and prior-preservation pictures of the old
+    shapes (``folder/prior``); returns the two folders, for ``--train_data_dir`` and ``--reg_data_dir``."""
+    folder = Path(folder)
+    return CONCEPTS[concept].data(folder / "sks"), prior_data(folder / "prior")
+
+
 NEW_SHAPE_CONCEPT = Concept("shape", NEW_SHAPE)
 NEW_COLOUR_CONCEPT = Concept("colour", NEW_COLOUR)
 CONCEPTS = {"shape": NEW_SHAPE_CONCEPT, "colour": NEW_COLOUR_CONCEPT}
