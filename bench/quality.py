@@ -2,7 +2,7 @@
 what it forgot. Same data, seeds, step budget and training loop for every method.
 
     python bench/quality.py --quick                      # < 3 min on 2 cores: every method, one setting
-    python bench/quality.py --out bench/results/quality.md   # 3 learning rates x 2 step counts per method
+    python bench/quality.py --out bench/results/quality.md   # 4 learning rates x 2 step counts per method
 
 By default the model is ``builtin:toy-sd1`` and the concept a colour it never saw (magenta, called
 "sks", 8 pictures; ``--concept shape``: a cross), scored by the toy judge (`lycoft.toy`). With
@@ -64,9 +64,9 @@ METHODS: dict[str, str] = {
     "lyco-diag-oft": f"LyCORIS diag-oft, lora_dim {BLOCK} (block size)",
     "peft-oft": f"PEFT OFT, block {BLOCK}, exact Cayley",
 }
-LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-STEPS = (100, 200)
-QUICK = {"learning_rates": (3e-3,), "steps": (100,)}
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
+STEPS = (50, 100)
+QUICK = {"learning_rates": (1e-3,), "steps": (100,)}
 BATCH = 4
 
 
