@@ -47,6 +47,7 @@ from .formats.peft import PeftModule, cayley_minus
 from .io.safe_io import read_safetensors
 from .io.streaming import OpenInputs
 from .ops import cayley, constrain, orthogonality_error, skew
+from .ops.energy import hyperspherical_energy
 
 _BADNESS = {FAILS: 4, WRONG: 3, IGNORED: 2, "convert": 1, OK: 0}
 _FLAVOUR_DIMS = {"lycoris-oft": (3,), "lycoris-boft": (4,)}
@@ -72,6 +73,8 @@ class LayerStats:
     rescale: list[float] | None = None  # [min, max]
     alpha: float | None = None
     rel_change: float | None = None
+    energy_rows: float | None = None  # relative change of the neurons' hyperspherical energy (--energy)
+    energy_cols: float | None = None  # the same for the columns (what an output-side rotation keeps)
 
 
 @dataclass
@@ -89,6 +92,7 @@ class Inspection:
     wrong_shape: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     base_family: str | None = None
+    energy_total: dict[str, float] | None = None  # "rows" / "cols": relative change summed over the layers
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -211,8 +215,10 @@ def _combined_verdicts(flavours: list[str], facts: dict[str, list[str]]) -> list
 
 # -------------------------------------------------------------------------------------------- inspect
 def inspect_adapter(path: str, base: str | None = None, family: str | None = None,
-                    component: str | None = None, peft_config: str | None = None) -> Inspection:
-    """Statistics, consumers and base fit of the adapter at `path` (see module docstring)."""
+                    component: str | None = None, peft_config: str | None = None,
+                    energy: bool = False) -> Inspection:
+    """Statistics, consumers and base fit of the adapter at `path` (see module docstring); with a `base`
+    and `energy`, also each layer's change of hyperspherical energy (`lycoft.ops.energy`)."""
     adapter = read_any_adapter(path, component, peft_config)
     raw: dict[str, torch.Tensor] = {}
     if adapter.peft is None and adapter.flavour != "diff":
@@ -235,6 +241,7 @@ def inspect_adapter(path: str, base: str | None = None, family: str | None = Non
         index = key_index(fam, model)
         order = {loc: i for i, loc in enumerate(dict.fromkeys(index.values()))}
         layers, not_in_base, wrong_shape = [], [], []
+        energies: dict[str, list[float]] | None = {"rows": [0.0, 0.0], "cols": [0.0, 0.0]} if energy else None
         for key, info in _layer_sources(adapter, fam, model):
             comp, module = index.get(key, ("?", key))
             stats = LayerStats(key=key, component=comp, module=module, group=group_of(comp, module, fam)
@@ -242,7 +249,7 @@ def inspect_adapter(path: str, base: str | None = None, family: str | None = Non
             for k, v in info["stats"].items():
                 setattr(stats, k, v)
             if model is not None:
-                _base_fit(model, inputs, key, info, stats, not_in_base, wrong_shape)
+                _base_fit(model, inputs, key, info, stats, not_in_base, wrong_shape, energies)
             layers.append((order.get((comp, module), len(order)), stats))
         layers.sort(key=lambda x: (_group_rank(x[1].group) if x[1].group != "?" else (9, 0), x[0]))
     flavours = _compat_flavours(adapter)
@@ -257,9 +264,12 @@ def inspect_adapter(path: str, base: str | None = None, family: str | None = Non
     if model is not None and adapter_fam != model.family:
         notes.append(f"the adapter is {adapter_fam} (from its {source}) but the base is {model.family}; inspect it "
                      f"against an {adapter_fam} base")
+    total = None
+    if energies is not None and model is not None:
+        total = {k: (after / before - 1.0 if before else 0.0) for k, (before, after) in energies.items()}
     return Inspection(path, adapter.flavour, adapter_fam, source, [s for _, s in layers], adapter.metadata, facts,
                       _combined_verdicts(flavours, by_flavour), base, not_in_base, wrong_shape, notes,
-                      model.family if model is not None else None)
+                      model.family if model is not None else None, total)
 
 
 def _layer_sources(adapter: ReadAdapter, fam: str, model: BaseModel | None):
@@ -305,7 +315,7 @@ def _layer_sources(adapter: ReadAdapter, fam: str, model: BaseModel | None):
 
 
 def _base_fit(model: BaseModel, inputs: OpenInputs, key: str, info: dict, stats: LayerStats,
-              not_in_base: list[str], wrong_shape: list[str]) -> None:
+              not_in_base: list[str], wrong_shape: list[str], energies: dict[str, list[float]] | None) -> None:
     slots = model.slots.get(key)
     if not slots:
         not_in_base.append(key)
@@ -323,6 +333,12 @@ def _base_fit(model: BaseModel, inputs: OpenInputs, key: str, info: dict, stats:
     with torch.no_grad():
         W2 = info["apply"](W)
     stats.rel_change = float(torch.linalg.vector_norm(W2 - W) / torch.linalg.vector_norm(W).clamp_min(1e-30))
+    if energies is not None:
+        for kind, columns in (("rows", False), ("cols", True)):
+            before, after = hyperspherical_energy(W, columns), hyperspherical_energy(W2, columns)
+            setattr(stats, f"energy_{kind}", after / before - 1.0 if before else 0.0)
+            energies[kind][0] += before
+            energies[kind][1] += after
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -358,6 +374,10 @@ def _format_text(ins: Inspection, top: int, show_all: bool) -> str:
     changes = [x.rel_change for x in ins.layers if x.rel_change is not None]
     if changes:
         lines.append(f"  weight change vs base: max {max(changes):.3g}, median {_median(changes):.3g} (||W'-W||/||W||)")
+    if ins.energy_total is not None:
+        lines.append(f"  hyperspherical energy vs base, all layers: neurons (rows) {ins.energy_total['rows']:+.2e}, "
+                     f"columns {ins.energy_total['cols']:+.2e} (relative change; a rotation of the inputs keeps "
+                     "the rows', one of the outputs the columns')")
     if ins.metadata:
         lines.append("  metadata:")
         for k in sorted(ins.metadata):
@@ -383,11 +403,16 @@ def _format_text(ins: Inspection, top: int, show_all: bool) -> str:
     title = "layers" if show_all else f"largest {len(shown)} of {len(ins.layers)} layers (--all for every one)"
     lines.append(f"  {title}:")
     width = max([len(x.key) for x in shown] + [3])  # whole keys: SDXL's run past 64 characters
-    lines.append(f"    {'key':<{width}} {'blocks':>12} {'||Q||':>8} {'angle':>7} {'ortho':>8} {'dW/W':>8}")
+    energy = ins.energy_total is not None
+    head = f"    {'key':<{width}} {'blocks':>12} {'||Q||':>8} {'angle':>7} {'ortho':>8} {'dW/W':>8}"
+    lines.append(head + (f" {'dHE rows':>9} {'dHE cols':>9}" if energy else ""))
     for x in shown:
         blocks = f"{x.stages}x{x.blocks}x{x.block_size}" if x.algo == "boft" else f"{x.blocks}x{x.block_size}"
-        lines.append(f"    {x.key:<{width}} {blocks:>12} {_fmt(x.q_norm):>8} {_fmt(x.max_angle, '.2f'):>7} "
-                     f"{_fmt(x.ortho_error, '.1e'):>8} {_fmt(x.rel_change):>8}")
+        row = (f"    {x.key:<{width}} {blocks:>12} {_fmt(x.q_norm):>8} {_fmt(x.max_angle, '.2f'):>7} "
+               f"{_fmt(x.ortho_error, '.1e'):>8} {_fmt(x.rel_change):>8}")
+        if energy:
+            row += f" {_fmt(x.energy_rows, '+.1e'):>9} {_fmt(x.energy_cols, '+.1e'):>9}"
+        lines.append(row)
     return "\n".join(lines)
 
 

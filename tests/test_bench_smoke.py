@@ -68,3 +68,58 @@ def test_full_size_models_build_and_take_every_adapter_on_the_meta_device():
         params, desc = train_step.inject(method, unet, tes, names, "full")
         assert desc.startswith(f"{len(names[0]) + len(names[1])} layers"), (method, desc)
         assert params and all(p.is_meta for p in params)
+
+
+def test_quality_on_the_toy_model_measures_what_each_rotation_side_keeps(tmp_path):
+    """A rotation of the inputs keeps the angles between the neurons (rows: their energy does not move),
+    one of the outputs keeps the columns'; LoRA keeps neither."""
+    import quality
+
+    out = tmp_path / "quality.md"
+    assert quality.main(["--methods", "lycoft-oft,lycoft-oft-input,lora-r8", "--steps", "3", "--learning-rates",
+                         "0.01", "--seeds", "0", "--sample-steps", "2", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert abs(rows["lycoft-oft-input"]["energy_rows"]) < 1e-8 < abs(rows["lycoft-oft-input"]["energy_cols"])
+    assert abs(rows["lycoft-oft"]["energy_cols"]) < 1e-8 < abs(rows["lycoft-oft"]["energy_rows"])
+    assert min(abs(rows["lora-r8"]["energy_rows"]), abs(rows["lora-r8"]["energy_cols"])) > 1e-8
+    assert all(0 < rows[m]["drift_pixels"] for m in ("lycoft-oft", "lycoft-oft-input", "lora-r8"))
+    assert "| lycoft-oft-input | 0.01 | 3 |" in out.read_text()
+
+
+def test_quality_takes_a_checkpoint_file_data_folder_prompt_files_and_a_clip_scorer(tmp_path):
+    """The path for real models: a checkpoint file, a DreamBooth folder and prompt files, scored by the toy
+    judge (prompts written as toy captions) and by a CLIP model folder (here a small random one built from a
+    config: the plumbing, not the scores, is what runs)."""
+    import quality
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from lycoft.checkpoints.loading import BUILTIN_FILES
+    from lycoft.checkpoints.tokenizer import build_clip_tokenizer
+    from lycoft.toy.concept import CONCEPTS
+
+    data = CONCEPTS["colour"].data(tmp_path / "data", n=4)
+    (tmp_path / "concept.txt").write_text("a big sks circle\na small sks square\n")
+    (tmp_path / "old.txt").write_text("a big red circle\na small blue triangle\n")
+    common = ["--model", str(BUILTIN_FILES["toy-sd1"]), "--data", str(data), "--concept-prompts",
+              str(tmp_path / "concept.txt"), "--old-prompts", str(tmp_path / "old.txt"), "--methods", "lycoft-oft",
+              "--steps", "2", "--learning-rates", "0.01", "--seeds", "0", "--sample-steps", "2"]
+    out = tmp_path / "judge.md"
+    assert quality.main(common + ["--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in rows] == ["base", "lycoft-oft"]
+    assert rows[0]["retention"] in (0.0, 0.5, 1.0)  # two old prompts, each right or not
+
+    clip = tmp_path / "clip"
+    config = CLIPConfig(text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "projection_dim": 16},
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                                       "projection_dim": 16}, projection_dim=16)
+    CLIPModel(config).save_pretrained(clip)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
+                  tokenizer=build_clip_tokenizer("real")).save_pretrained(clip)
+    out = tmp_path / "clip.md"
+    assert quality.main(common + ["--clip", str(clip), "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert all(-1.0 <= r["concept"] <= 1.0 and -1.0 <= r["retention"] <= 1.0 for r in rows)
+    assert "scorer: CLIP" in out.read_text()

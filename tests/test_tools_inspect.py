@@ -254,3 +254,33 @@ def test_text_report_shows_whole_keys(files):
     ins.layers = [dataclasses.replace(layer, key=long_key), layer]
     printed = [line.split()[0] for line in ins.text(show_all=True).splitlines() if line.strip().startswith("lora_")]
     assert printed == [long_key, layer.key]
+
+
+def test_energy_change_follows_the_rotated_side(tmp_path, files):
+    """--energy: a rotation of the inputs keeps the angles between the neurons (the rows' hyperspherical
+    energy stays put to rounding), one of the outputs keeps the columns'; the other side moves. The total
+    is the relative change of the summed energies, and the CLI prints both."""
+    from lycoft.cli.inspect import main as inspect_main
+    from lycoft.ops.energy import hyperspherical_energy
+
+    f = files("sd1")
+    moved = {}
+    for side in ("input", "output"):
+        cfg = lycoft.AdapterConfig(algo="oft", block_size=4, side=side)
+        path = write_adapter("sd1", cfg, tmp_path / f"{side}.safetensors", pipe=copy.deepcopy(f["pipe"]),
+                             preset="attn-mlp", std=0.2)
+        ins = inspect_adapter(str(path), base=str(f["single-file"]), energy=True)
+        kept, changed = ("energy_rows", "energy_cols") if side == "input" else ("energy_cols", "energy_rows")
+        layers = [x for x in ins.layers if x.rel_change is not None]
+        assert layers and max(abs(getattr(x, kept)) for x in layers) < 1e-6, side  # float32 weights
+        assert max(abs(getattr(x, changed)) for x in layers) > 1e-4, side
+        moved[side] = ins.energy_total
+    assert abs(moved["input"]["rows"]) < 1e-6 < abs(moved["input"]["cols"])
+    assert abs(moved["output"]["cols"]) < 1e-6 < abs(moved["output"]["rows"])
+    # A layer's figure is the relative change of the function's value on its weights.
+    W = torch.randn(12, 20, dtype=torch.float64)
+    pairs = [(i, j) for i in range(12) for j in range(i + 1, 12)]
+    u = W / W.norm(dim=1, keepdim=True)
+    assert hyperspherical_energy(W) == pytest.approx(sum(float(1 / (u[i] - u[j]).norm()) for i, j in pairs), rel=1e-12)
+    assert inspect_main([str(tmp_path / "output.safetensors"), "--base", str(f["single-file"]), "--energy"]) == 0
+    assert inspect_main([str(tmp_path / "output.safetensors"), "--energy"]) == 2  # a user error: needs --base

@@ -316,7 +316,7 @@ def test_demo_writes_adapter_samples_and_merged_checkpoint(tmp_path, capsys):
         import lycoft.merge  # noqa: F401
     except ImportError:
         pytest.skip("lycoft.merge is not available: no merged checkpoint expected")
-    assert (out / "tiny-sd1-demo-oft-merged.safetensors").is_file()
+    assert (out / "toy-sd1-demo-oft-merged.safetensors").is_file()
 
 
 def test_boft_trains_under_bf16_mixed_precision(toy, tmp_path):

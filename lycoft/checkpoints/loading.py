@@ -1,6 +1,7 @@
 """Load a Stable Diffusion pipeline from anything a user points at, and save pipelines back.
 
-Sources: ``builtin:tiny-sd1|tiny-sd2|tiny-sdxl``, a diffusers folder, a single-file ``.safetensors``
+Sources: ``builtin:tiny-sd1|tiny-sd2|tiny-sdxl`` (random), ``builtin:toy-sd1`` (pretrained on toy scenes,
+shipped as a single file beside this module), a diffusers folder, a single-file ``.safetensors``
 or ``.ckpt`` LDM checkpoint, or a hub id. Single files never need the hub: diffusers'
 ``from_single_file`` gets a bundled config folder (``config=..., local_files_only=True``) chosen by the
 detected family and model width, and tokenizers built in code; given a ``device``, the same config folder
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 # builtin:<name> -> family: each family's tiny model, named after its bundled config
 BUILTINS = {info.tiny_config: info.name for info in FAMILY_INFO.values()}
+# Builtins shipped as checkpoints (made by tools/pretrain_toy.py); the others are built at random.
+BUILTIN_FILES = {"toy-sd1": Path(__file__).resolve().parent / "toy-sd1.safetensors"}
+BUILTINS["toy-sd1"] = "sd1"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -283,7 +287,7 @@ def load_pipeline(
     """Load a Stable Diffusion pipeline; returns ``(pipeline, family, v_prediction)``.
 
     Args:
-        source: ``builtin:tiny-sd1|tiny-sd2|tiny-sdxl``, a diffusers folder, a single-file ``.safetensors``
+        source: ``builtin:tiny-sd1|tiny-sd2|tiny-sdxl|toy-sd1``, a diffusers folder, a single-file ``.safetensors``
             / ``.ckpt`` checkpoint, or a hub id (``owner/name``; needs network access).
         family: ``"sd1"``, ``"sd2"`` or ``"sdxl"``; detected when None (wins over detection when given).
         v_prediction: force the scheduler's prediction type; None keeps what the source says
@@ -310,10 +314,21 @@ def load_pipeline(
                 f"unknown builtin model {source!r}; use {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
             )
         family = _resolve_family(family, BUILTINS[name], source)
-        pipe = build_tiny_pipeline(family, dtype=load_dtype or torch.float32)
-        if v_prediction is None:
-            v_prediction = _is_v_prediction(pipe)
-        _set_prediction_type(pipe, v_prediction)
+        if name in BUILTIN_FILES:
+            if not BUILTIN_FILES[name].is_file():
+                raise FileNotFoundError(
+                    f"{source} is missing its file {BUILTIN_FILES[name]}; reinstall lycoft or rebuild it with "
+                    "tools/pretrain_toy.py"
+                )
+            file_dtype = dtype if device is not None else load_dtype
+            pipe, family, v_prediction = _load_single_file(
+                BUILTIN_FILES[name], family, v_prediction, file_dtype, False, None, device, vae_dtype
+            )
+        else:
+            pipe = build_tiny_pipeline(family, dtype=load_dtype or torch.float32)
+            if v_prediction is None:
+                v_prediction = _is_v_prediction(pipe)
+            _set_prediction_type(pipe, v_prediction)
     else:
         path = Path(source).expanduser()
         if path.is_dir():

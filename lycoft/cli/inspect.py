@@ -7,7 +7,8 @@ lycoft-inspect a.safetensors --json > a.json
 Prints the format and algorithm, block sizes, per-layer rotation size (||Q||, largest rotation angle) and
 orthogonality error, the metadata, the verdict of lycoft, LyCORIS, ComfyUI, reForge, A1111, Forge, Forge Classic,
 kohya and PEFT on it
-and, with --base, the keys that match no layer of that model and how much each layer's weight changes.
+and, with --base, the keys that match no layer of that model and how much each layer's weight changes
+(with --energy also its hyperspherical energy: the spread of its neurons, which rotation keeps).
 In a lycoft checkout, `python tools/inspect.py` is the same command.
 """
 
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("adapter", help="adapter file (LyCORIS, kohya, PEFT, full differences) or PeftModel folder")
     parser.add_argument("--base", help="base model (single file or diffusers folder) to check the keys against")
     parser.add_argument("--plot", metavar="PNG", help="write a per-layer chart")
+    parser.add_argument("--energy", action="store_true",
+                        help="with --base: each layer's change of hyperspherical energy (the neurons' spread, which "
+                             "orthogonal finetuning keeps); seconds on SD1, minutes on SDXL")
     parser.add_argument("--json", action="store_true", help="print everything as JSON instead of text")
     parser.add_argument("--all", action="store_true", help="list every layer, in model order")
     parser.add_argument("--top", type=positive_int, default=20, help="layers listed otherwise (largest rotation first)")
@@ -44,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _inspect(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.energy and not args.base:
+        raise ValueError("--energy compares the adapted weights with the base's; give the model with --base")
     result = inspect_adapter(args.adapter, base=args.base, family=args.family, component=args.component,
-                             peft_config=args.peft_config)
+                             peft_config=args.peft_config, energy=args.energy)
     if args.plot:
         plot_inspection(result, args.plot)
     print(result.to_json() if args.json else result.text(top=args.top, show_all=args.all))
