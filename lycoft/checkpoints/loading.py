@@ -49,8 +49,8 @@ BUILTIN_PREFIX = "builtin:"
 # builtin:<name> -> family: each family's tiny model, named after its bundled config
 BUILTINS = {info.tiny_config: info.name for info in FAMILY_INFO.values()}
 # Builtins shipped as checkpoints (made by tools/pretrain_toy.py); the others are built at random.
-BUILTIN_FILES = {"toy-sd1": Path(__file__).resolve().parent / "toy-sd1.safetensors"}
-BUILTINS["toy-sd1"] = "sd1"
+BUILTIN_FILES = {name: Path(__file__).resolve().parent / f"{name}.safetensors" for name in ("toy-sd1", "toy-sd1-v")}
+BUILTINS.update({"toy-sd1": "sd1", "toy-sd1-v": "sd1"})
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

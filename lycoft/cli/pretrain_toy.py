@@ -2,6 +2,8 @@
 
 python tools/pretrain_toy.py                         (the shipped files: about 25 minutes on one core)
 python tools/pretrain_toy.py --steps 5 --images 64 --out /tmp/toy.safetensors --judge lycoft/toy/judge.safetensors
+python tools/pretrain_toy.py --v-prediction --judge lycoft/toy/judge.safetensors
+                                                     (builtin:toy-sd1-v from builtin:toy-sd1: about 8 minutes)
 
 Writes the checkpoint (SD1 single file, float16), and beside it ``<name>.json`` (recipe, metrics, file
 size and hash) and ``<name>.md`` (the same as a report). The run is deterministic: the same command on
@@ -30,8 +32,11 @@ from ..toy import scoring
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tools/pretrain_toy.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=BUILTIN_FILES["toy-sd1"],
-                        help="checkpoint to write (default: the shipped builtin:toy-sd1 file)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="checkpoint to write (default: the shipped builtin:toy-sd1 file, or builtin:toy-sd1-v's "
+                             "with --v-prediction)")
+    parser.add_argument("--v-prediction", action="store_true",
+                        help="fine-tune the shipped builtin:toy-sd1 into a v-prediction model instead of pretraining")
     parser.add_argument("--judge", type=Path, default=None,
                         help="use this judge instead of training one (e.g. lycoft/toy/judge.safetensors)")
     parser.add_argument("--judge-out", type=Path, default=judging.JUDGE_FILE,
@@ -83,9 +88,37 @@ def _report(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _report_v(info: dict) -> str:
+    m = info["metrics"]
+    lines = [
+        f"# {info['name']}: the toy SD1 model, v-prediction",
+        "",
+        "`builtin:toy-sd1` fine-tuned to predict v instead of epsilon (UNet and text encoder; the VAE is the "
+        "same), on the same scenes and captions, as SD 2's 768-v model was made from its epsilon base. The "
+        "checkpoint says `modelspec.prediction_type: v`, so it loads as a v-prediction model.",
+        "",
+        f"- file: {info['file_bytes'] / 2**20:.2f} MiB, float16, sha256 `{info['sha256']}`",
+        f"- made by: `python tools/pretrain_toy.py --v-prediction` in {m['total_seconds'] / 60:.1f} min "
+        f"({info['threads']} thread, torch {info['torch']}, {info['machine']})",
+        f"- v loss ({m['v_steps']} steps): {m['v_loss_first_100']} (first 100 steps) -> {m['v_loss_last_10pct']} "
+        "(last 10%)",
+    ]
+    ev = info.get("samples")
+    if ev:
+        lines += ["", f"Judge accuracy on the model's own samples ({ev['images']} images, {ev['sampler']} "
+                  f"{ev['steps']} steps):", "", "| guidance | shape | colour | size | all three |",
+                  "|---|---|---|---|---|"]
+        for row in ev["accuracy"]:
+            lines.append(f"| {row['guidance']} | {row['shape']:.3f} | {row['colour']:.3f} | {row['size']:.3f} "
+                         f"| {row['all']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, train (judge, then model), save, score; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = BUILTIN_FILES["toy-sd1-v" if args.v_prediction else "toy-sd1"]
     if args.out.suffix != ".safetensors":
         print(f"error: --out {args.out} must end in .safetensors", file=sys.stderr)
         return 2
@@ -113,7 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         judge = judging.load_judge(args.judge)
 
-    result = recipe_module.pretrain(recipe, log=log)
+    if args.v_prediction:
+        from ..checkpoints.loading import load_pipeline
+
+        pipe, _, _ = load_pipeline("builtin:toy-sd1")
+        steps = args.unet_steps or (args.steps or recipe_module.V_STEPS)
+        result = recipe_module.to_v_prediction(pipe, recipe, steps, log=log)
+        info["from"] = "builtin:toy-sd1"
+    else:
+        result = recipe_module.pretrain(recipe, log=log)
     path = recipe_module.save_toy_checkpoint(result.pipe, args.out, recipe)
     info.update(metrics=result.metrics, file_bytes=path.stat().st_size, sha256=_sha256(path),
                 torch=torch.__version__, threads=recipe_module.THREADS, machine=platform.machine())
@@ -132,5 +173,5 @@ def main(argv: list[str] | None = None) -> int:
         info["samples"] = {"images": len(items), "seeds": args.eval_seeds, "sampler": scoring.SAMPLER,
                            "steps": scoring.SAMPLE_STEPS, "accuracy": rows}
     path.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    path.with_suffix(".md").write_text(_report(info))
+    path.with_suffix(".md").write_text(_report_v(info) if args.v_prediction else _report(info))
     return 0

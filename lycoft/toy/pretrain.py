@@ -205,7 +205,8 @@ class _Average:
 
 def train_denoiser(pipe: Any, latents: tuple[Tensor, Tensor], scenes: Sequence[Scene], recipe: Recipe,
                    g: torch.Generator, log: Log) -> list[float]:
-    """Step 4 and 5: UNet and text encoder learn epsilon prediction; returns the loss per step."""
+    """Step 4 and 5: UNet and text encoder learn to predict what the pipeline's scheduler says
+    (``prediction_type``: epsilon, or v for `to_v_prediction`); returns the loss per step."""
     from diffusers import DDPMScheduler
 
     from lycoft.training.sampling import default_conditioner
@@ -232,8 +233,11 @@ def train_denoiser(pipe: Any, latents: tuple[Tensor, Tensor], scenes: Sequence[S
         captions = [training_caption(scenes[i], d, recipe) for i, d in zip(idx.tolist(), draws)]
         hidden = conditioner.encode(captions).hidden
         pred = unet(noise_scheduler.add_noise(z, noise, t), t, hidden).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        weight = snr[t].clamp(max=recipe.min_snr_gamma) / snr[t]
+        v = noise_scheduler.config.prediction_type == "v_prediction"
+        target = noise_scheduler.get_velocity(z, noise, t) if v else noise
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        # min-SNR-gamma (Hang et al. 2023): min(snr, gamma) / snr for epsilon, / (snr + 1) for v
+        weight = snr[t].clamp(max=recipe.min_snr_gamma) / (snr[t] + 1 if v else snr[t])
         loss = (per_sample * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -301,6 +305,26 @@ def _pretrain(recipe: Recipe, log: Log) -> Pretrained:
         "total_cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
     return Pretrained(pipe, metrics)
+
+
+V_STEPS = 1000  # denoiser steps that turn the epsilon toy into the v-prediction one
+
+
+def to_v_prediction(pipe: Any, recipe: Recipe, steps: int = V_STEPS, log: Log = print) -> Pretrained:
+    """Fine-tune a pretrained toy model (UNet and text encoder; the VAE is kept) to predict v instead of
+    epsilon, on the scenes of `recipe`, as SD 2's 768-v model was made from its epsilon base."""
+    with deterministic():
+        started = time.perf_counter()
+        pipe.scheduler.register_to_config(prediction_type="v_prediction")
+        g = torch.Generator().manual_seed(recipe.seed + 2)
+        scenes = random_scenes(recipe.images, recipe.seed, BASE_SHAPES)
+        latents = encode_scenes(pipe.vae, to_tensor([render_scene(s) for s in scenes]))
+        losses = train_denoiser(pipe, latents, scenes, replace(recipe, unet_steps=steps), g, log)
+        tail = losses[-max(1, len(losses) // 10):]
+        metrics = {"v_steps": steps, "v_loss_first_100": round(sum(losses[:100]) / max(len(losses[:100]), 1), 4),
+                   "v_loss_last_10pct": round(sum(tail) / len(tail), 4),
+                   "total_seconds": round(time.perf_counter() - started, 1)}
+        return Pretrained(pipe, metrics)
 
 
 def save_toy_checkpoint(pipe: Any, path: str | Path, recipe: Recipe) -> Path:
