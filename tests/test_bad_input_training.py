@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_files import OFT, write_adapter, write_base
+from toy_images import make_toy_dataset
 
 import lycoft
 from lycoft.checkpoints import build_tiny_pipeline
@@ -27,7 +28,6 @@ from lycoft.training import loop, losses
 from lycoft.training.config import parse_args
 from lycoft.training.dataset import build_dataset
 from lycoft.training.saving import TrainState
-from lycoft.training.toy_data import make_toy_dataset
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_images import make_toy_dataset
 
 from lycoft.io.safe_io import read_safetensors
 from lycoft.training.saving import TrainState
-from lycoft.training.toy_data import make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "run"

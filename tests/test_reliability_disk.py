@@ -12,12 +12,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from toy_images import make_toy_dataset
 
 from lycoft.io import atomic
 from lycoft.io.safe_io import read_safetensors
 from lycoft.training import loop
 from lycoft.training.saving import TrainState
-from lycoft.training.toy_data import make_toy_dataset
 
 
 @pytest.fixture(scope="module")

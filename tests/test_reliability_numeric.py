@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from toy_images import make_toy_dataset
 
 from lycoft.io.safe_io import read_safetensors
 from lycoft.training import loop
 from lycoft.training.config import parse_args
 from lycoft.training.saving import TrainState
-from lycoft.training.toy_data import make_toy_dataset
 
 
 def flags(data: Path, out: Path, *extra: str) -> list[str]:

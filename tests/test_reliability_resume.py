@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Planted
+from toy_images import make_toy_dataset
 
 from lycoft.training import loop
 from lycoft.training.config import parse_args
 from lycoft.training.saving import weights_only_loads
-from lycoft.training.toy_data import make_toy_dataset
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from safetensors import safe_open
-
-from lycoft.training.toy_data import make_toy_dataset
+from toy_images import make_toy_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from toy_images import make_toy_dataset
 
 from lycoft.training import loop
 from lycoft.training.config import parse_args
-from lycoft.training.toy_data import make_toy_dataset
 
 
 def metadata(path: Path) -> dict[str, str]:

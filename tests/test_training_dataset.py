@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from toy_images import make_toy_dataset
 
 from lycoft.training.buckets import Bucketer, make_buckets, plan_crop
 from lycoft.training.caching import LatentCache, TextEmbeddingCache
@@ -28,7 +29,6 @@ from lycoft.training.dataset_config import (
     parse_dreambooth_folder_name,
 )
 from lycoft.training.errors import ConfigError
-from lycoft.training.toy_data import make_toy_dataset
 
 
 def save_image(path: Path, size: tuple[int, int], color=(200, 40, 40)) -> Path:

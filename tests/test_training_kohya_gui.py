@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 from safetensors import safe_open
+from toy_images import draw_toy
 
 from lycoft.training import loop
-from lycoft.training.toy_data import draw_toy
 
 DATA = Path(__file__).parent / "data"
 

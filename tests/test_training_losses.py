@@ -11,13 +11,13 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from safetensors import safe_open
+from toy_images import make_toy_dataset
 
 from lycoft.training import loop, losses
 from lycoft.training.config import parse_args
 from lycoft.training.errors import ConfigError
 from lycoft.training.losses import diffusion_loss, elementwise_loss, huber_threshold, snr, snr_weights
 from lycoft.training.noise import perturb_input_noise, pyramid_noise, sample_noise, sample_timesteps
-from lycoft.training.toy_data import make_toy_dataset
 
 
 def sd_scheduler(**kw) -> DDPMScheduler:

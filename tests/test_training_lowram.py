@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_images import make_toy_dataset
 
 from lycoft.checkpoints import build_tiny_pipeline, loading, save_single_file
 from lycoft.training import loop
 from lycoft.training.config import parse_args
-from lycoft.training.toy_data import make_toy_dataset
 
 
 @pytest.fixture(scope="module")

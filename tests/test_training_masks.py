@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image
+from toy_images import make_toy_dataset
 
 from lycoft.training import loop
 from lycoft.training.buckets import plan_crop
@@ -21,7 +22,6 @@ from lycoft.training.dataset import TrainingDataset, build_dataset, load_mask
 from lycoft.training.dataset_config import DatasetConfig, SubsetConfig, load_dataset_config
 from lycoft.training.errors import ConfigError
 from lycoft.training.losses import diffusion_loss, min_snr_weights, resize_mask
-from lycoft.training.toy_data import make_toy_dataset
 
 
 def left_white(path: Path, size: tuple[int, int], mode: str = "RGB") -> Path:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
+from toy_images import make_toy_dataset
 
 import lycoft
 from lycoft import AdapterConfig
@@ -23,7 +24,6 @@ from lycoft.training.caching import TextEmbeddingCache, weights_fingerprint
 from lycoft.training.config import parse_args
 from lycoft.training.errors import ConfigError
 from lycoft.training.fp8_base import FP8, compute_dtype, parameter_bytes, store_base_in_float8, store_in_float8
-from lycoft.training.toy_data import make_toy_dataset
 
 
 def rounded_to_fp8(module: nn.Module) -> nn.Module:

@@ -362,9 +362,9 @@ def test_kohya_gui_leftovers_mean_unset(tmp_path):
 def test_schedule_free_run_saves_its_average_and_resumes_exactly(tmp_path):
     pytest.importorskip("schedulefree", reason="schedulefree is not installed (pip install schedulefree)")
     from safetensors.torch import load_file
+    from toy_images import make_toy_dataset
 
     from lycoft.training import loop
-    from lycoft.training.toy_data import make_toy_dataset
 
     toy = make_toy_dataset(tmp_path / "toy", n=2, size=64)
 

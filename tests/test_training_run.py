@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from toy_images import make_toy_dataset
 
 import lycoft
 from lycoft.checkpoints.loading import load_pipeline
 from lycoft.training import loop
 from lycoft.training.config import parse_args
-from lycoft.training.toy_data import make_toy_dataset
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import randomise_network
 from safetensors.torch import load_file, save_file
+from toy_images import make_toy_dataset
 
 import lycoft
 from lycoft.formats.lycoris import read_adapter
@@ -28,7 +29,6 @@ from lycoft.training.flags import TrainConfig
 from lycoft.training.saving import Saver
 from lycoft.training.start_weights import merge_base_weights
 from lycoft.training.step import data_loader
-from lycoft.training.toy_data import make_toy_dataset
 
 
 @pytest.fixture(scope="module")

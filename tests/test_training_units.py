@@ -316,9 +316,10 @@ def test_text_conditioning_shapes_long_captions_and_clip_skip(tiny_pipes):
 
 
 def test_dataset_batches_carry_sdxl_size_conditioning_in_hw_order(tmp_path):
+    from toy_images import make_toy_dataset
+
     from lycoft.training.conditioning import sdxl_time_ids
     from lycoft.training.dataset import build_dataset
-    from lycoft.training.toy_data import make_toy_dataset
 
     data = make_toy_dataset(tmp_path, n=1, size=(48, 128))
     ds = build_dataset(cfg(train_data_dir=str(data), resolution=64, enable_bucket=True, bucket_reso_steps=32,

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from toy_images import make_toy_dataset
 
 from lycoft.training import loop
 from lycoft.training.config import parse_args
@@ -22,7 +23,6 @@ from lycoft.training.dataset import TrainingDataset, build_dataset, split_paths
 from lycoft.training.dataset_config import DatasetConfig, SubsetConfig, load_dataset_config
 from lycoft.training.errors import ConfigError
 from lycoft.training.noise import validation_timesteps
-from lycoft.training.toy_data import make_toy_dataset
 
 
 def images(folder: Path, n: int) -> list[Path]:

@@ -1,4 +1,5 @@
-"""A tiny generated subject dataset (a yellow disc with eyes) for the demo and the tests."""
+"""A generated subject dataset for the tests (a yellow disc with eyes, any image size): DreamBooth folders
+with captions, for data loading, bucketing and training runs that need pictures but no pretrained model."""
 
 from __future__ import annotations
 
