@@ -307,6 +307,7 @@ def load_pipeline(
     # A VAE wanted in another dtype than the rest loads in float32 and is cast once, never rounded through
     # `dtype` on the way; single files read onto `device` get each model's dtype as they are read.
     load_dtype = dtype if vae_dtype in (None, dtype) else None
+    file_dtype = dtype if device is not None else load_dtype
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTINS:
@@ -320,7 +321,6 @@ def load_pipeline(
                     f"{source} is missing its file {BUILTIN_FILES[name]}; reinstall lycoft or rebuild it with "
                     "tools/pretrain_toy.py"
                 )
-            file_dtype = dtype if device is not None else load_dtype
             pipe, family, v_prediction = _load_single_file(
                 BUILTIN_FILES[name], family, v_prediction, file_dtype, False, None, device, vae_dtype
             )
@@ -334,7 +334,6 @@ def load_pipeline(
         if path.is_dir():
             pipe, family, v_prediction = _load_diffusers_dir(str(path), family, v_prediction, load_dtype)
         elif path.is_file():
-            file_dtype = dtype if device is not None else load_dtype
             pipe, family, v_prediction = _load_single_file(
                 path, family, v_prediction, file_dtype, allow_pickle, config, device, vae_dtype
             )

@@ -55,6 +55,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _samples_table(ev: dict) -> list[str]:
+    """The judge's accuracy per guidance on the model's own samples, as markdown table lines."""
+    return ["| guidance | shape | colour | size | all three |", "|---|---|---|---|---|"] + [
+        f"| {row['guidance']} | {row['shape']:.3f} | {row['colour']:.3f} | {row['size']:.3f} | {row['all']:.3f} |"
+        for row in ev["accuracy"]]
+
+
 def _report(info: dict) -> str:
     m, ev = info["metrics"], info.get("samples", {})
     lines = [
@@ -80,10 +87,7 @@ def _report(info: dict) -> str:
     if ev:
         lines += ["", f"Judge accuracy on the model's own samples ({ev['images']} images: every shape x colour x "
                   f"size prompt at seeds 0..{ev['seeds'] - 1}, {ev['sampler']} {ev['steps']} steps):", "",
-                  "| guidance | shape | colour | size | all three |", "|---|---|---|---|---|"]
-        for row in ev["accuracy"]:
-            lines.append(f"| {row['guidance']} | {row['shape']:.3f} | {row['colour']:.3f} | {row['size']:.3f} "
-                         f"| {row['all']:.3f} |")
+                  *_samples_table(ev)]
     lines += ["", "Recipe:", "", "```json", json.dumps(info["recipe"], indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
@@ -106,11 +110,7 @@ def _report_v(info: dict) -> str:
     ev = info.get("samples")
     if ev:
         lines += ["", f"Judge accuracy on the model's own samples ({ev['images']} images, {ev['sampler']} "
-                  f"{ev['steps']} steps):", "", "| guidance | shape | colour | size | all three |",
-                  "|---|---|---|---|---|"]
-        for row in ev["accuracy"]:
-            lines.append(f"| {row['guidance']} | {row['shape']:.3f} | {row['colour']:.3f} | {row['size']:.3f} "
-                         f"| {row['all']:.3f} |")
+                  f"{ev['steps']} steps):", "", *_samples_table(ev)]
     return "\n".join(lines) + "\n"
 
 

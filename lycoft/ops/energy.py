@@ -42,8 +42,3 @@ def hyperspherical_energy(weight: Tensor, columns: bool = False) -> float:
         total += float(inv.sum())
     return total / 2  # every pair was counted from both ends
 
-
-def energy_change(before: Tensor, after: Tensor, columns: bool = False) -> float:
-    """Relative change of the hyperspherical energy, ``E(after) / E(before) - 1``."""
-    base = hyperspherical_energy(before, columns)
-    return hyperspherical_energy(after, columns) / base - 1.0 if base else 0.0

@@ -258,6 +258,12 @@ def train_denoiser(pipe: Any, latents: tuple[Tensor, Tensor], scenes: Sequence[S
 # --------------------------------------------------------------------------------------- recipe
 
 
+def _loss_summary(losses: Sequence[float]) -> tuple[float, float]:
+    """Mean loss over the first 100 steps and over the last 10% of them, rounded for the report."""
+    head, tail = losses[:100], losses[-max(1, len(losses) // 10):]
+    return round(sum(head) / max(len(head), 1), 4), round(sum(tail) / len(tail), 4)
+
+
 @dataclass
 class Pretrained:
     """A finished run: the pipeline (float32, eval mode) and what was measured on the way."""
@@ -292,14 +298,14 @@ def _pretrain(recipe: Recipe, log: Log) -> Pretrained:
 
     t = time.perf_counter()
     losses = train_denoiser(pipe, latents, scenes, recipe, g, log)
-    tail = losses[-max(1, len(losses) // 10):]
+    first, last = _loss_summary(losses)
     metrics = {
         "vae_reconstruction_mse": round(vae_loss, 5),
         "vae_seconds": round(vae_seconds, 1),
         "latent_channel_mean": [round(v, 4) for v in latent_mean],
         "latent_channel_std": [round(v, 4) for v in latent_std],
-        "unet_loss_first_100": round(sum(losses[:100]) / max(len(losses[:100]), 1), 4),
-        "unet_loss_last_10pct": round(sum(tail) / len(tail), 4),
+        "unet_loss_first_100": first,
+        "unet_loss_last_10pct": last,
         "unet_seconds": round(time.perf_counter() - t, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "total_cpu_seconds": round(time.process_time() - cpu_started, 1),
@@ -320,9 +326,8 @@ def to_v_prediction(pipe: Any, recipe: Recipe, steps: int = V_STEPS, log: Log = 
         scenes = random_scenes(recipe.images, recipe.seed, BASE_SHAPES)
         latents = encode_scenes(pipe.vae, to_tensor([render_scene(s) for s in scenes]))
         losses = train_denoiser(pipe, latents, scenes, replace(recipe, unet_steps=steps), g, log)
-        tail = losses[-max(1, len(losses) // 10):]
-        metrics = {"v_steps": steps, "v_loss_first_100": round(sum(losses[:100]) / max(len(losses[:100]), 1), 4),
-                   "v_loss_last_10pct": round(sum(tail) / len(tail), 4),
+        first, last = _loss_summary(losses)
+        metrics = {"v_steps": steps, "v_loss_first_100": first, "v_loss_last_10pct": last,
                    "total_seconds": round(time.perf_counter() - started, 1)}
         return Pretrained(pipe, metrics)
 
